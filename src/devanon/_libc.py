@@ -1,0 +1,133 @@
+"""The only module that touches ctypes: the syscalls Python's ``os`` and ``mmap`` lack.
+
+Every function sets ``argtypes``/``restype`` (64-bit pointers and ``off_t``), checks the
+result, and raises ``OSError(errno, message)`` naming the call and its arguments. Nothing
+above this module sees a raw return code.
+
+Some facts about the calls (the code above only makes sense once you know them):
+
+- ``fallocate(PUNCH_HOLE | KEEP_SIZE)`` is today's sys_punch: tmpfs since 3.5, hugetlbfs
+  since 4.3, ext4/xfs/btrfs. ``madvise(MADV_DONTNEED)`` does *not* free a page of a
+  ``MAP_SHARED`` file mapping (Firecracker #6167); ``MADV_REMOVE`` does, and is itself a
+  punch done through a mapping.
+- ``mmap(MAP_FIXED)`` silently replaces whatever was mapped at the address, which is why
+  devanon only ever places a mapping over memory it already owns.
+- A failed ``munmap`` or ``mmap`` (ENOMEM once a process holds ``vm.max_map_count``
+  mappings) leaves the old mappings in place on the kernels we support; callers update
+  their books only after a call succeeded.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from typing import Final
+
+PROT_NONE: Final = 0
+PROT_READ: Final = 1
+PROT_WRITE: Final = 2
+
+MAP_SHARED: Final = 0x01
+MAP_PRIVATE: Final = 0x02
+MAP_FIXED: Final = 0x10
+MAP_ANONYMOUS: Final = 0x20
+MAP_NORESERVE: Final = 0x4000
+
+MADV_RANDOM: Final = 1
+MADV_WILLNEED: Final = 3
+MADV_REMOVE: Final = 9
+MADV_DONTFORK: Final = 10
+MADV_DOFORK: Final = 11
+
+FALLOC_FL_KEEP_SIZE: Final = 0x01
+FALLOC_FL_PUNCH_HOLE: Final = 0x02
+
+_MAP_FAILED: Final = ctypes.c_void_p(-1).value
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+_mmap = _libc.mmap
+_mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int64,
+]
+_mmap.restype = ctypes.c_void_p
+
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_munmap.restype = ctypes.c_int
+
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise.restype = ctypes.c_int
+
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+_mincore = _libc.mincore
+_mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+_mincore.restype = ctypes.c_int
+
+_memmove = ctypes.memmove
+
+
+def _fail(call: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{call}: {os.strerror(err)}")
+
+
+def mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
+    """mmap(2); returns the address of the new mapping."""
+    result = _mmap(address or None, length, prot, flags, fd, offset)
+    if result is None or result == _MAP_FAILED:
+        raise _fail(
+            f"mmap(address={address:#x}, length={length:#x}, prot={prot:#x}, "
+            f"flags={flags:#x}, fd={fd}, offset={offset:#x})"
+        )
+    return int(result)
+
+
+def munmap(address: int, length: int) -> None:
+    """munmap(2)."""
+    if _munmap(address, length) != 0:
+        raise _fail(f"munmap(address={address:#x}, length={length:#x})")
+
+
+def madvise(address: int, length: int, advice: int) -> None:
+    """madvise(2)."""
+    if _madvise(address, length, advice) != 0:
+        raise _fail(f"madvise(address={address:#x}, length={length:#x}, advice={advice})")
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        raise _fail(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
+
+
+def mincore(address: int, length: int, page_size: int) -> bytes:
+    """mincore(2): one byte per page, bit 0 set where the page is resident."""
+    out = ctypes.create_string_buffer((length + page_size - 1) // page_size)
+    if _mincore(address, length, out) != 0:
+        raise _fail(f"mincore(address={address:#x}, length={length:#x})")
+    return out.raw
+
+
+def memory_at(address: int, length: int) -> ctypes.Array[ctypes.c_ubyte]:
+    """A ctypes array over raw memory; its buffer is what ``Mapping.view()`` exports.
+
+    The array object is what views keep alive (a memoryview holds its exporter), so a weak
+    reference to it tells when the last view of that memory is gone.
+    """
+    return (ctypes.c_ubyte * length).from_address(address)
+
+
+def copy(dst: int, src: int, length: int) -> None:
+    """memmove between two addresses of this process."""
+    _memmove(dst, src, length)

@@ -1,0 +1,133 @@
+"""MapCounts: how many times each page of an Anon is mapped, kept as runs.
+
+The RFC kept one counter per page "parallel to the swap entries" and walked them one by one
+on every mmap and munmap. Here the counts are a step function: runs ``[start, stop)`` of
+pages that share one count, split where a map or unmap begins or ends and merged again when
+neighbours become equal (gVisor's segment sets in ``pkg/sentry/pgalloc`` do the same for
+their reference counts). A map or unmap of any length costs two binary searches and at most
+two insertions, so a 1 GiB range is as cheap as a page, and an unmapped TiB costs one run.
+``benchmarks/core.py`` measures this against the per-page loop.
+
+Runs live in two ``array('q')`` (16 bytes a run, no Python object per run). Neighbouring
+runs always differ in count: the set is kept maximally merged.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
+
+PageRange = tuple[int, int]
+"""A half-open range of page indices ``[start, stop)``."""
+
+
+class MapCounts:
+    """Per-page map counts over ``npages`` pages, all starting at zero."""
+
+    __slots__ = ("_counts", "_starts", "npages")
+
+    def __init__(self, npages: int) -> None:
+        if npages <= 0:
+            raise ValueError(f"npages must be positive, not {npages!r}")
+        self.npages = npages
+        self._starts = array("q", [0])
+        self._counts = array("q", [0])
+
+    def count(self, page: int) -> int:
+        """The count of one page."""
+        self._check(page, page + 1)
+        return self._counts[bisect_right(self._starts, page) - 1]
+
+    def add(self, start: int, stop: int) -> None:
+        """Every page in ``[start, stop)`` gains one count."""
+        self._check(start, stop)
+        self._apply(start, stop, 1)
+
+    def remove(self, start: int, stop: int) -> list[PageRange]:
+        """Every page in ``[start, stop)`` loses one count; returns the ranges now at zero.
+
+        The ranges come coalesced and sorted, ready to be punched. Raises ValueError, and
+        changes nothing, if any page in the range has no count to lose.
+        """
+        self._check(start, stop)
+        first = bisect_right(self._starts, start) - 1
+        last = bisect_left(self._starts, stop)
+        for k in range(first, last):
+            if self._counts[k] == 0:
+                page = max(start, self._starts[k])
+                raise ValueError(f"page {page} is not mapped (its count is 0)")
+        return self._apply(start, stop, -1)
+
+    def runs(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int]]:
+        """``(start, stop, count)`` for each run, clipped to ``[start, stop)``."""
+        stop = self.npages if stop is None else stop
+        self._check(start, stop)
+        starts, counts = self._starts, self._counts
+        k = bisect_right(starts, start) - 1
+        while k < len(starts) and starts[k] < stop:
+            end = starts[k + 1] if k + 1 < len(starts) else self.npages
+            yield max(start, starts[k]), min(stop, end), counts[k]
+            k += 1
+
+    def zero_ranges(self, start: int = 0, stop: int | None = None) -> list[PageRange]:
+        """The ranges in ``[start, stop)`` whose count is zero."""
+        return [(a, b) for a, b, c in self.runs(start, stop) if c == 0]
+
+    def min_count(self, start: int, stop: int) -> int:
+        """The smallest count in ``[start, stop)``."""
+        return min(c for _, _, c in self.runs(start, stop))
+
+    def mapped_pages(self) -> int:
+        """How many pages have a count above zero."""
+        return sum(b - a for a, b, c in self.runs() if c > 0)
+
+    def nruns(self) -> int:
+        """How many runs the counts take."""
+        return len(self._starts)
+
+    def nbytes(self) -> int:
+        """Memory the runs take, in bytes (the arrays' buffers)."""
+        return (
+            self._starts.buffer_info()[1] * self._starts.itemsize
+            + self._counts.buffer_info()[1] * self._counts.itemsize
+        )
+
+    def _check(self, start: int, stop: int) -> None:
+        if not (0 <= start < stop <= self.npages):
+            raise ValueError(
+                f"page range [{start}, {stop}) is not a non-empty range within [0, {self.npages})"
+            )
+
+    def _split(self, page: int) -> int:
+        """Make ``page`` the start of a run; returns that run's index."""
+        starts = self._starts
+        if page == self.npages:
+            return len(starts)
+        k = bisect_right(starts, page) - 1
+        if starts[k] == page:
+            return k
+        starts.insert(k + 1, page)
+        self._counts.insert(k + 1, self._counts[k])
+        return k + 1
+
+    def _apply(self, start: int, stop: int, delta: int) -> list[PageRange]:
+        first = self._split(start)
+        last = self._split(stop)
+        starts, counts = self._starts, self._counts
+        zeros: list[PageRange] = []
+        for k in range(first, last):
+            counts[k] += delta
+            if counts[k] == 0:
+                end = starts[k + 1] if k + 1 < len(starts) else self.npages
+                zeros.append((starts[k], end))
+        # Runs inside the range stay distinct (all moved by the same delta); only the two
+        # edges may now equal their outside neighbours. The right edge first, so that
+        # ``first`` still indexes the same run.
+        if last < len(starts) and counts[last] == counts[last - 1]:
+            del starts[last]
+            del counts[last]
+        if first > 0 and counts[first] == counts[first - 1]:
+            del starts[first]
+            del counts[first]
+        return zeros

@@ -1,0 +1,132 @@
+"""punch_hole(): sys_punch for any file, the call the RFC was waiting for.
+
+Today it is ``fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)``; ``madvise(MADV_REMOVE)``
+through a temporary shared mapping is the fallback (in current kernels it ends in the same
+fallocate, so it rarely helps, but it is what older code used). Where neither works (ramfs,
+some FUSE and network filesystems) the error names the file and its filesystem.
+
+Linux serializes fallocate on one shmem file; like gVisor's pgalloc, big ranges are punched
+in batches of at most 128 MiB so that other work on the file is not held up for long.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+from devanon import _libc
+
+PUNCH_BATCH = 128 << 20
+"""The most one fallocate call punches."""
+
+_NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
+
+
+@dataclass(slots=True, frozen=True)
+class PunchResult:
+    """What the kernel freed: ``st_blocks`` (512-byte units) before and after."""
+
+    file: str
+    offset: int
+    length: int
+    blocks_before: int
+    blocks_after: int
+
+    @property
+    def freed_bytes(self) -> int:
+        return (self.blocks_before - self.blocks_after) * 512
+
+
+def filesystem_of(fd: int) -> str:
+    """The filesystem type holding an open file, from /proc/self/mountinfo ("?" if unknown)."""
+    dev = os.fstat(fd).st_dev
+    want = f"{os.major(dev)}:{os.minor(dev)}"
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as f:
+            for line in f:
+                fields = line.split()
+                if fields[2] == want:
+                    return fields[fields.index("-") + 1]
+    except OSError:
+        pass
+    return "?"
+
+
+def punch_range(fd: int, offset: int, length: int, *, name: str = "") -> int:
+    """Punch ``[offset, offset+length)`` of an open file; returns the number of calls made.
+
+    No argument checks: the caller (Anon, punch_hole) has made them. Raises OSError with
+    EOPNOTSUPP and the filesystem's name where the file cannot have holes.
+    """
+    calls = 0
+    end = offset + length
+    while offset < end:
+        step = min(PUNCH_BATCH, end - offset)
+        try:
+            _libc.fallocate(
+                fd, _libc.FALLOC_FL_PUNCH_HOLE | _libc.FALLOC_FL_KEEP_SIZE, offset, step
+            )
+        except OSError as e:
+            if e.errno not in _NOT_SUPPORTED:
+                raise
+            _remove_through_mapping(fd, offset, step, name, e)
+        calls += 1
+        offset += step
+    return calls
+
+
+def _remove_through_mapping(fd: int, offset: int, length: int, name: str, cause: OSError) -> None:
+    """The fallback: MADV_REMOVE on a temporary shared mapping of the range."""
+    try:
+        address = _libc.mmap(
+            0, length, _libc.PROT_READ | _libc.PROT_WRITE, _libc.MAP_SHARED, fd, offset
+        )
+    except OSError:
+        address = 0
+    try:
+        if address:
+            _libc.madvise(address, length, _libc.MADV_REMOVE)
+            return
+    except OSError:
+        pass
+    finally:
+        if address:
+            _libc.munmap(address, length)
+    fs = filesystem_of(fd)
+    raise OSError(
+        errno.EOPNOTSUPP,
+        f"cannot punch a hole in {name or f'fd {fd}'}: its filesystem ({fs}) supports neither "
+        "fallocate(FALLOC_FL_PUNCH_HOLE) nor madvise(MADV_REMOVE)",
+    ) from cause
+
+
+def punch_hole(file: int | str | os.PathLike[str], offset: int, length: int) -> PunchResult:
+    """Free ``[offset, offset+length)`` of any file, keeping its size: sys_punch.
+
+    ``file`` is an open file descriptor (opened for writing) or a path. Partial blocks at the
+    edges are zeroed, whole blocks freed. Returns what ``st_blocks`` said before and after.
+    """
+    for label, value in (("offset", offset), ("length", length)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{label} must be an int, not {type(value).__name__} {value!r}")
+    if offset < 0:
+        raise ValueError(f"offset must not be negative, not {offset}")
+    if length <= 0:
+        raise ValueError(f"length must be positive, not {length}")
+    if isinstance(file, bool) or not isinstance(file, int | str | os.PathLike):
+        raise TypeError(f"file must be a file descriptor or a path, not {file!r}")
+    if isinstance(file, int):
+        fd, name, own = file, f"fd {file}", False
+    else:
+        name = os.fspath(file)
+        fd, own = os.open(name, os.O_WRONLY | os.O_CLOEXEC), True
+    try:
+        st = os.fstat(fd)
+        if offset >= st.st_size:
+            raise ValueError(f"offset {offset} is past the end of {name} (size {st.st_size})")
+        punch_range(fd, offset, length, name=name)
+        return PunchResult(name, offset, length, st.st_blocks, os.fstat(fd).st_blocks)
+    finally:
+        if own:
+            os.close(fd)
