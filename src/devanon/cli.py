@@ -1,0 +1,83 @@
+"""The ``devanon`` command: ``demo`` and ``punch``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from rich.console import Console
+from rich.table import Table
+
+from devanon import tour
+from devanon.punch import punch_hole
+from devanon.sizes import format_size, parse_size
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``devanon`` console script."""
+    parser = argparse.ArgumentParser(
+        prog="devanon", description="/dev/anon in userspace: map-counted, self-freeing memory."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="walk through the device, measured by the kernel")
+    demo.add_argument("--size", type=_size, default=256 << 20, help="Anon size (256M)")
+    demo.add_argument("--json", action="store_true", help="print the steps as JSON")
+    demo.set_defaults(run=_demo)
+
+    punch = commands.add_parser("punch", help="free a range of any file (sys_punch)")
+    punch.add_argument("file", help="the file to punch a hole in")
+    punch.add_argument("offset", type=_size, help="where the hole starts (e.g. 4K)")
+    punch.add_argument("length", type=_size, help="how long it is (e.g. 2M)")
+    punch.set_defaults(run=_punch)
+
+    args = parser.parse_args(argv)
+    try:
+        status: int = args.run(args)
+    except (OSError, ValueError) as e:
+        print(f"devanon {args.command}: {e}", file=sys.stderr)
+        return 1
+    return status
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _demo(args: argparse.Namespace) -> int:
+    if args.json:
+        print(json.dumps([asdict(s) for s in tour.run(args.size)], indent=2))
+        return 0
+    console = Console()
+    table = Table(title="devanon: the device, as the kernel sees it")
+    for column in ("step", "resident (st_blocks)", "data (SEEK_DATA)", "count of page 0"):
+        table.add_column(column, justify="left" if column == "step" else "right")
+    for step in tour.run(args.size):
+        table.add_row(
+            step.action,
+            format_size(step.resident_bytes),
+            format_size(step.data_bytes),
+            str(step.map_count),
+        )
+    console.print(table)
+    return 0
+
+
+def _punch(args: argparse.Namespace) -> int:
+    result = punch_hole(args.file, args.offset, args.length)
+    print(
+        f"{result.file}: punched [{result.offset}, {result.offset + result.length}): "
+        f"st_blocks {result.blocks_before} -> {result.blocks_after}, "
+        f"{format_size(result.freed_bytes)} freed"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

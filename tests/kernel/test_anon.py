@@ -1,0 +1,271 @@
+"""Anon against the kernel's own view: st_blocks, SEEK_DATA, /proc/self/maps."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import oracle
+import pytest
+
+import devanon
+
+PS = devanon.PAGE_SIZE
+
+
+def maps_ranges() -> list[tuple[int, int]]:
+    """Every address range in /proc/self/maps."""
+    out = []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = line.split()[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def is_mapped(address: int) -> bool:
+    return any(lo <= address < hi for lo, hi in maps_ranges())
+
+
+def assert_counts_match_kernel(mem: devanon.Anon) -> None:
+    kernel = oracle.maps_counts(mem.fd, mem.page_size)
+    npages = mem.size // mem.page_size
+    ours = {p: mem.map_count(p * mem.page_size) for p in range(npages)}
+    assert {p: c for p, c in ours.items() if c} == {p: c for p, c in kernel.items() if c}
+
+
+def test_write_then_unmap_frees_exactly_the_written_pages() -> None:
+    with devanon.Anon(64 * PS) as mem:
+        m = mem.map(0, 32 * PS)
+        view = m.view()
+        for page in (0, 1, 7, 31):
+            view[page * PS] = page + 1
+        del view
+        assert oracle.data_pages(mem.fd, mem.size, PS) == {0, 1, 7, 31}
+        assert mem.resident_bytes() == 4 * PS == os.fstat(mem.fd).st_blocks * 512
+        assert_counts_match_kernel(mem)
+        m.close()
+        assert mem.resident_bytes() == 0
+        assert oracle.data_pages(mem.fd, mem.size, PS) == set()
+        assert mem.stats().mappings == 0
+        again = mem.map(0, 32 * PS)
+        assert bytes(again.view()[: 8 * PS]) == bytes(8 * PS)
+
+
+def test_a_page_mapped_twice_survives_one_unmap() -> None:
+    with devanon.Anon(16 * PS) as mem:
+        a, b = mem.map(0, 8 * PS), mem.map(4 * PS, 8 * PS)
+        a.view()[4 * PS : 8 * PS] = b"x" * 4 * PS
+        a.view()[0] = 1
+        assert [mem.map_count(p * PS) for p in range(13)] == [1] * 4 + [2] * 4 + [1] * 4 + [0]
+        assert_counts_match_kernel(mem)
+        a.close()
+        assert oracle.data_pages(mem.fd, mem.size, PS) == {4, 5, 6, 7}
+        assert bytes(b.view()[: 4 * PS]) == b"x" * 4 * PS
+        b.close()
+        assert mem.resident_bytes() == 0
+
+
+def test_unmap_cuts_a_mapping_in_two_and_spans_several() -> None:
+    with devanon.Anon(32 * PS) as mem:
+        a = mem.map(0, 8 * PS)
+        b = mem.map(8 * PS, 8 * PS, address=None)
+        for m in (a, b):
+            m.view()[:] = b"\x01" * m.length
+        mem.unmap(a.address + 2 * PS, 2 * PS)  # a hole in the middle of a
+        assert [mem.map_count(p * PS) for p in range(8)] == [1, 1, 0, 0, 1, 1, 1, 1]
+        assert not is_mapped(a.address + 2 * PS) and is_mapped(a.address + 4 * PS)
+        assert oracle.data_pages(mem.fd, mem.size, PS) == set(range(16)) - {2, 3}
+        assert_counts_match_kernel(mem)
+        if b.address == a.address + a.length:  # adjacent: one unmap spans both
+            mem.unmap(a.address + 6 * PS, 4 * PS)
+            assert oracle.data_pages(mem.fd, mem.size, PS) == {0, 1, 4, 5} | set(range(10, 16))
+        a.close()
+        b.close()
+        assert mem.resident_bytes() == 0
+        assert a.closed and b.closed
+
+
+def test_map_over_own_mapping_counts_as_unmap_of_what_was_there() -> None:
+    with devanon.Anon(32 * PS) as mem:
+        a = mem.map(0, 8 * PS)
+        a.view()[:] = b"a" * 8 * PS
+        b = mem.map(16 * PS, 4 * PS, address=a.address + 2 * PS)
+        assert [mem.map_count(p * PS) for p in (0, 2, 5, 6, 16, 19)] == [1, 0, 0, 1, 1, 1]
+        assert oracle.data_pages(mem.fd, mem.size, PS) == {0, 1, 6, 7}
+        assert_counts_match_kernel(mem)
+        # the same pages placed over themselves never fall to zero
+        c = mem.map(0, 2 * PS, address=a.address)
+        assert bytes(c.view()) == b"a" * 2 * PS
+        for m in (a, b, c):
+            if not m.closed:
+                m.close()
+        assert mem.resident_bytes() == 0
+
+
+def test_map_refuses_foreign_memory_and_changes_nothing() -> None:
+    with devanon.Anon(8 * PS) as mem, devanon.Anon(8 * PS) as other:
+        theirs = other.map(0, 4 * PS)
+        theirs.view()[0] = 9
+        mine = mem.map(0, 4 * PS)
+        for address in (theirs.address, mine.address + 2 * PS):  # not ours / runs past ours
+            with pytest.raises(ValueError, match=f"{address:#x}|not all mapped"):
+                mem.map(0, 4 * PS, address=address)
+        assert theirs.view()[0] == 9
+        assert other.map_count(0) == 1 and mem.map_count(0) == 1
+        assert_counts_match_kernel(mem)
+        assert_counts_match_kernel(other)
+
+
+def test_overlay_punches_the_pages_under_it_and_release_maps_zeros_back(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(range(256)) * (8 * PS // 256))
+    with devanon.Anon(16 * PS) as mem:
+        guest = mem.map(0, 16 * PS)
+        guest.view()[:] = b"g" * 16 * PS
+        ov = mem.overlay(guest.address + 4 * PS, image, 0, 8 * PS)
+        assert bytes(guest.view()[4 * PS : 12 * PS]) == image.read_bytes()
+        assert [mem.map_count(p * PS) for p in (3, 4, 11, 12)] == [1, 0, 0, 1]
+        assert oracle.data_pages(mem.fd, mem.size, PS) == set(range(4)) | set(range(12, 16))
+        assert_counts_match_kernel(mem)
+        ov.release()
+        assert ov.released
+        assert bytes(guest.view()[4 * PS : 12 * PS]) == bytes(8 * PS)
+        assert mem.map_count(4 * PS) == 1
+        assert_counts_match_kernel(mem)
+        with pytest.raises(ValueError, match="already released"):
+            ov.release()
+        guest.close()
+        assert mem.resident_bytes() == 0
+
+
+def test_writable_overlay_writes_private_copies_never_the_file(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"d" * 2 * PS)
+    with devanon.Anon(4 * PS) as mem:
+        guest = mem.map(0, 4 * PS)
+        with mem.overlay(guest.address, image, 0, 2 * PS, writable=True):
+            guest.view()[0] = ord("w")
+            assert guest.view()[0] == ord("w")
+        assert image.read_bytes() == b"d" * 2 * PS
+        assert guest.view()[0] == 0  # the overlay is gone: the Anon page (a hole) is back
+        guest.close()
+
+
+def test_overlay_past_the_end_of_the_file_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "small.img"
+    image.write_bytes(b"s" * PS)
+    with devanon.Anon(4 * PS) as mem:
+        guest = mem.map(0, 4 * PS)
+        with pytest.raises(ValueError, match="past its end"):
+            mem.overlay(guest.address, image, 0, 2 * PS)
+        assert mem.map_count(PS) == 1
+        guest.close()
+
+
+def test_views_work_with_numpy_and_respect_read_only() -> None:
+    with devanon.Anon(4 * PS) as mem:
+        m = mem.map(0, 4 * PS)
+        arr = np.frombuffer(m.view(), dtype=np.uint32)
+        arr[:] = np.arange(arr.size, dtype=np.uint32)
+        ro = mem.map(0, 4 * PS, writable=False)
+        ro_view = ro.view()
+        assert ro_view.readonly
+        assert np.frombuffer(ro_view, dtype=np.uint32)[1000] == 1000
+        with pytest.raises(TypeError):
+            ro_view[0] = 1
+        del arr, ro_view
+        m.close()
+        ro.close()
+
+
+def test_stale_view_reads_zeros_and_never_reaches_a_new_mapping() -> None:
+    with devanon.Anon(8 * PS) as mem:
+        old = mem.map(0, 4 * PS)
+        stale = old.view()
+        stale[:4] = b"old!"
+        address = old.address
+        old.close()
+        assert mem.resident_bytes() == 0  # punched although a view is alive
+        assert bytes(stale[:4]) == bytes(4)  # quarantined: zeros, not a crash
+        stale[0] = 0xFF  # lands in scratch memory
+        new = mem.map(0, 4 * PS)
+        assert new.address != address  # the range stays reserved while the view lives
+        assert os.pread(mem.fd, 1, 0) == b"\0" and mem.resident_bytes() == 0  # not the 0xFF
+        assert oracle.maps_counts(mem.fd, PS).get(0) == 1
+        del stale
+        gc.collect()
+        assert not is_mapped(address)  # the last view died: the range went back
+        new.close()
+
+
+def test_map_over_a_mapping_with_live_views_is_refused() -> None:
+    with devanon.Anon(8 * PS) as mem:
+        m = mem.map(0, 4 * PS)
+        view = m.view()
+        with pytest.raises(BufferError, match="live views"):
+            mem.map(4 * PS, 4 * PS, address=m.address)
+        assert mem.map_count(0) == 1 and mem.map_count(4 * PS) == 0
+        del view
+        mem.map(4 * PS, 4 * PS, address=m.address).close()
+
+
+def test_view_of_a_partly_unmapped_mapping_is_refused() -> None:
+    with devanon.Anon(8 * PS) as mem:
+        m = mem.map(0, 4 * PS)
+        mem.unmap(m.address, PS)
+        with pytest.raises(ValueError, match="not wholly mapped"):
+            m.view()
+        m.close()
+
+
+def test_close_unmaps_everything_and_is_idempotent() -> None:
+    mem = devanon.Anon(8 * PS)
+    m = mem.map(0, 8 * PS)
+    m.view()[0] = 1
+    inode = os.fstat(mem.fd).st_ino
+    mem.close()
+    mem.close()
+    assert mem.closed and m.closed
+    with open("/proc/self/maps") as f:
+        assert not re.search(rf"\s{inode}\s", f.read())
+    for call in (lambda: mem.map(0, PS), mem.resident_bytes, mem.stats, lambda: mem.map_count(0)):
+        with pytest.raises(ValueError, match="closed"):
+            call()
+
+
+def test_stats_report_the_kernel_resident_figure() -> None:
+    with devanon.Anon(16 * PS) as mem:
+        m = mem.map(0, 8 * PS)
+        m.view()[: 3 * PS] = b"z" * 3 * PS
+        st = mem.stats()
+        assert st.mapped_bytes == 8 * PS and st.resident_bytes == 3 * PS
+        assert st.mappings == 1 and st.overlays == 0 and st.count_runs == 2
+        m.close()
+        st = mem.stats()
+        assert st.freed_bytes == 8 * PS and st.punch_calls == 1 and st.resident_bytes == 0
+
+
+def test_memfd_is_sealed_and_close_on_exec() -> None:
+    import fcntl
+
+    with devanon.Anon(4 * PS) as mem:
+        seals = fcntl.fcntl(mem.fd, fcntl.F_GET_SEALS)
+        assert seals & fcntl.F_SEAL_GROW and seals & fcntl.F_SEAL_SHRINK
+        assert not os.get_inheritable(mem.fd)
+        with pytest.raises(PermissionError):
+            os.ftruncate(mem.fd, 8 * PS)
+
+
+def test_a_terabyte_anon_costs_nothing_until_used() -> None:
+    with devanon.Anon(1 << 40) as mem:
+        st = mem.stats()
+        assert st.count_bytes < 1 << 10 and st.resident_bytes == 0
+        m = mem.map((1 << 40) - 4 * PS, 4 * PS)
+        m.view()[-1] = 1
+        assert mem.resident_bytes() == PS
+        m.close()
+        assert mem.resident_bytes() == 0

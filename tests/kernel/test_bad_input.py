@@ -1,0 +1,150 @@
+"""Bad input raises an exception naming the value, and changes no count and no byte."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import oracle
+import pytest
+
+import devanon
+
+PS = devanon.PAGE_SIZE
+SIZE = 16 * PS
+
+
+class World:
+    """An Anon with two mappings, one overlay and written bytes; ``snapshot`` reads the kernel."""
+
+    def __init__(self, image: Path) -> None:
+        self.image = image
+        self.mem = devanon.Anon(SIZE)
+        self.a = self.mem.map(0, 8 * PS)
+        self.b = self.mem.map(4 * PS, 8 * PS)
+        view = self.a.view()
+        view[:] = b"a" * 8 * PS
+        del view
+        self.ov = self.mem.overlay(self.b.address + 6 * PS, image, 0, 2 * PS)
+
+    def snapshot(self) -> tuple[object, ...]:
+        mem = self.mem
+        return (
+            oracle.maps_counts(mem.fd, PS),
+            [mem.map_count(p * PS) for p in range(SIZE // PS)],
+            oracle.data_pages(mem.fd, SIZE, PS),
+            os.pread(mem.fd, SIZE, 0),
+            mem.stats(),
+        )
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    image = tmp_path / "img"
+    image.write_bytes(b"i" * 4 * PS)
+    w = World(image)
+    yield w
+    w.mem.close()
+
+
+# (label, call, exception, text the message must hold)
+CASES: list[tuple[str, Callable[[World], object], type[Exception], str]] = [
+    ("size zero", lambda w: devanon.Anon(0), ValueError, "0"),
+    ("size negative", lambda w: devanon.Anon(-PS), ValueError, str(-PS)),
+    ("size unaligned", lambda w: devanon.Anon(PS + 1), ValueError, hex(PS + 1)),
+    ("size a float", lambda w: devanon.Anon(4096.0), TypeError, "4096.0"),  # type: ignore[arg-type]
+    ("size a bool", lambda w: devanon.Anon(True), TypeError, "True"),
+    ("name not str", lambda w: devanon.Anon(PS, name=b"x"), TypeError, "b'x'"),  # type: ignore[arg-type]
+    ("map offset unaligned", lambda w: w.mem.map(100, PS), ValueError, "0x64"),
+    ("map offset negative", lambda w: w.mem.map(-PS, PS), ValueError, str(-PS)),
+    ("map length zero", lambda w: w.mem.map(0, 0), ValueError, "0"),
+    ("map past the end", lambda w: w.mem.map(12 * PS, 8 * PS), ValueError, hex(20 * PS)),
+    ("map length a str", lambda w: w.mem.map(0, "4096"), TypeError, "'4096'"),  # type: ignore[arg-type]
+    (
+        "map address unaligned",
+        lambda w: w.mem.map(0, PS, address=w.a.address + 1),
+        ValueError,
+        "not a multiple",
+    ),
+    ("map over foreign memory", lambda w: w.mem.map(0, PS, address=0x10000), ValueError, "0x10000"),
+    ("unmap what isn't mapped", lambda w: w.mem.unmap(0x10000, PS), ValueError, "0x10000"),
+    (
+        "unmap past a mapping",
+        lambda w: w.mem.unmap(w.a.address, 9 * PS),
+        ValueError,
+        "not all mapped",
+    ),
+    ("unmap length unaligned", lambda w: w.mem.unmap(w.a.address, 10), ValueError, "0xa"),
+    ("unmap address zero", lambda w: w.mem.unmap(0, PS), ValueError, "0"),
+    (
+        "overlay foreign memory",
+        lambda w: w.mem.overlay(0x10000, w.image, 0, PS),
+        ValueError,
+        "0x10000",
+    ),
+    (
+        "overlay past the file",
+        lambda w: w.mem.overlay(w.a.address, w.image, 0, 8 * PS),
+        ValueError,
+        "past its end",
+    ),
+    (
+        "overlay missing file",
+        lambda w: w.mem.overlay(w.a.address, "/no/such", 0, PS),
+        FileNotFoundError,
+        "/no/such",
+    ),
+    (
+        "overlay file offset unaligned",
+        lambda w: w.mem.overlay(w.a.address, w.image, 1, PS),
+        ValueError,
+        "0x1",
+    ),
+    ("overlay file a list", lambda w: w.mem.overlay(w.a.address, [1], 0, PS), TypeError, "[1]"),  # type: ignore[arg-type]
+    ("map_count past the end", lambda w: w.mem.map_count(SIZE), ValueError, hex(SIZE)),
+    ("map_count a float", lambda w: w.mem.map_count(1.0), TypeError, "1.0"),  # type: ignore[arg-type]
+    ("punch negative", lambda w: devanon.punch_hole(w.image, -1, PS), ValueError, "-1"),
+    ("punch zero length", lambda w: devanon.punch_hole(w.image, 0, 0), ValueError, "0"),
+    (
+        "punch past the end",
+        lambda w: devanon.punch_hole(w.image, 1 << 30, PS),
+        ValueError,
+        str(1 << 30),
+    ),
+    (
+        "punch no such file",
+        lambda w: devanon.punch_hole("/no/such", 0, PS),
+        FileNotFoundError,
+        "/no/such",
+    ),
+]
+
+
+@pytest.mark.parametrize(("label", "call", "exc", "text"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_and_changes_nothing(
+    world: World, label: str, call: Callable[[World], object], exc: type[Exception], text: str
+) -> None:
+    before = world.snapshot()
+    image_before = world.image.read_bytes()
+    with pytest.raises(exc) as info:
+        call(world)
+    assert text in str(info.value), f"{label}: {info.value}"
+    assert world.snapshot() == before
+    assert world.image.read_bytes() == image_before
+
+
+def test_closed_objects_are_refused(world: World) -> None:
+    a = world.a
+    world.mem.unmap(a.address, a.length)
+    with pytest.raises(ValueError, match="already closed"):
+        a.close()
+    before = world.snapshot()
+    world.ov.release()
+    with pytest.raises(ValueError, match="already released"):
+        world.ov.release()
+    assert world.snapshot() != before  # the release itself did change things
+    world.mem.close()
+    for call in (lambda: world.b.close(), lambda: world.mem.unmap(world.b.address, PS)):
+        with pytest.raises(ValueError, match="closed"):
+            call()

@@ -1,0 +1,103 @@
+"""fork(): a child never frees what its parent maps, and the parent frees what the child left."""
+
+from __future__ import annotations
+
+import os
+
+import oracle
+
+import devanon
+
+PS = devanon.PAGE_SIZE
+
+
+def run_child(body: object) -> int:
+    """Fork, run ``body()`` in the child (its return value is the exit code), wait."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()  # type: ignore[operator]
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_mappings_are_not_inherited_by_default() -> None:
+    with devanon.Anon(8 * PS) as mem:
+        m = mem.map(0, 8 * PS)
+        m.view()[:] = b"p" * 8 * PS
+        view = m.view()
+
+        def child() -> int:
+            # the kernel gave the child no mapping of the memfd, and devanon knows it
+            assert oracle.maps_counts(mem.fd, PS) == {}
+            assert mem.map_count(0) == 0 and mem.stats().mappings == 0
+            assert bytes(view[:4]) == bytes(4)  # the copied view is quarantined, no crash
+            # the child maps, writes and unmaps on its own: it must not punch
+            c = mem.map(0, 8 * PS)
+            c.view()[PS] = ord("c")
+            c.close()
+            return 0
+
+        assert run_child(child) == 0
+        view.release()
+        after = m.view()
+        assert after[PS] == ord("c")  # the child's write is shared memory
+        assert bytes(after[:PS]) + bytes(after[2 * PS :]) == b"p" * 7 * PS
+        del after
+        assert mem.resident_bytes() == 8 * PS
+        m.close()
+        assert mem.resident_bytes() == 0
+
+
+def test_an_inherited_mapping_outlives_the_parents_unmap() -> None:
+    with devanon.Anon(8 * PS) as mem:
+        m = mem.map(0, 8 * PS, inherit=True)
+        m.view()[:] = b"i" * 8 * PS
+        to_child_r, to_child_w = os.pipe()
+        to_parent_r, to_parent_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(to_child_w)
+                os.close(to_parent_r)
+                assert oracle.maps_counts(mem.fd, PS) == dict.fromkeys(range(8), 1)
+                os.write(to_parent_w, b"1")
+                os.read(to_child_r, 1)  # the parent has unmapped by now
+                view = m.view()
+                assert bytes(view) == b"i" * 8 * PS
+                view[0] = ord("k")
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(to_child_r)
+        os.close(to_parent_w)
+        assert os.read(to_parent_r, 1) == b"1"
+        assert mem.map_count(0) == 2  # ours and the child's copy
+        m.close()
+        assert mem.map_count(0) == 1 and mem.resident_bytes() == 8 * PS  # pinned, not punched
+        os.write(to_child_w, b"go")
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        # the child is gone: the next call drops its pin and punches
+        assert mem.map_count(0) == 0
+        assert mem.resident_bytes() == 0
+        assert oracle.data_pages(mem.fd, mem.size, PS) == set()
+
+
+def test_pages_a_child_wrote_on_its_own_are_swept_after_it_exits() -> None:
+    with devanon.Anon(16 * PS) as mem:
+        keep = mem.map(0, 4 * PS)
+        keep.view()[0] = 1
+
+        def child() -> int:
+            c = mem.map(8 * PS, 8 * PS)
+            c.view()[:] = b"c" * 8 * PS
+            return 0  # exits while mapped: no unmap, no punch
+
+        assert run_child(child) == 0
+        assert mem.resident_bytes() == PS  # this call saw the child gone and swept
+        assert oracle.data_pages(mem.fd, mem.size, PS) == {0}
+        keep.close()
+        assert mem.resident_bytes() == 0

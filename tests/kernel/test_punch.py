@@ -1,0 +1,98 @@
+"""punch_hole and `devanon punch`: sys_punch for any file, judged by st_blocks and SEEK_DATA."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import oracle
+import pytest
+
+import devanon
+from devanon.cli import main
+from devanon.sizes import parse_size
+
+PS = devanon.PAGE_SIZE
+
+
+@pytest.fixture(params=["tmpfs", "disk"])
+def data_file(request: pytest.FixtureRequest, tmp_path: Path, disk_dir: Path) -> Path:
+    base = Path("/dev/shm") if request.param == "tmpfs" else disk_dir
+    path = base / f"devanon-punch-{os.getpid()}"
+    path.write_bytes(os.urandom(4 << 20))
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    yield path  # type: ignore[misc]
+    path.unlink()
+
+
+def test_punch_hole_frees_the_range_and_keeps_the_rest(data_file: Path) -> None:
+    before = data_file.read_bytes()
+    result = devanon.punch_hole(data_file, 1 << 20, 2 << 20)
+    assert result.freed_bytes == 2 << 20
+    assert result.blocks_before - result.blocks_after == (2 << 20) // 512
+    with open(data_file, "rb") as f:
+        pages = oracle.data_pages(f.fileno(), 4 << 20, PS)
+    assert pages == set(range(256)) | set(range(768, 1024))
+    after = data_file.read_bytes()
+    assert len(after) == len(before)  # KEEP_SIZE
+    assert after[: 1 << 20] == before[: 1 << 20] and after[3 << 20 :] == before[3 << 20 :]
+    assert after[1 << 20 : 3 << 20] == bytes(2 << 20)
+
+
+def test_punch_hole_takes_an_open_descriptor(data_file: Path) -> None:
+    fd = os.open(data_file, os.O_RDWR)
+    try:
+        result = devanon.punch_hole(fd, 0, 4 << 20)
+        assert result.blocks_after == 0 and result.file == f"fd {fd}"
+    finally:
+        os.close(fd)
+
+
+def test_cli_punch_prints_what_the_kernel_freed(
+    data_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["punch", str(data_file), "1M", "1M"]) == 0
+    out = capsys.readouterr().out
+    blocks = os.stat(data_file).st_blocks
+    assert f"-> {blocks}," in out and "1.0 MiB freed" in out
+
+
+def test_cli_punch_errors_are_one_clear_line(tmp_path: Path) -> None:
+    missing = tmp_path / "missing"
+    run = subprocess.run(
+        [sys.executable, "-m", "devanon.cli", "punch", str(missing), "0", "4K"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode != 0 and str(missing) in run.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "devanon.cli", "punch", str(missing), "1Q", "4K"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "'1Q'" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("4096", 4096),
+        ("0x1000", 4096),
+        ("4K", 4096),
+        ("2M", 2 << 20),
+        ("1G", 1 << 30),
+        ("1GiB", 1 << 30),
+        ("3 kb", 3072),
+    ],
+)
+def test_sizes(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "-1", "1.5G", "12X"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(text)
