@@ -61,6 +61,17 @@ class AnonStats:
     """Memory the map counts themselves take."""
 
 
+def _coalesce(ranges: list[PageRange]) -> list[PageRange]:
+    """Sorted ranges with touching neighbours joined: one punch call each."""
+    out: list[PageRange] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 class _Segment:
     """A piece of address space the Anon owns: part of ``owner``, maybe under an overlay."""
 
@@ -102,12 +113,19 @@ class Mapping:
         self.writable = writable
         self.inherit = inherit
         self._pieces = 0
-        self._views = ViewTracker()
+        self._views: ViewTracker | None = None  # made by the first view()
 
     @property
     def closed(self) -> bool:
         """True once no piece of the mapping is left."""
         return self._pieces == 0
+
+    def _has_views(self) -> bool:
+        return self._views is not None and self._views.live > 0
+
+    def _retire(self, address: int, length: int) -> bool:
+        """Quarantine a piece if views of this mapping are alive (see ``devanon.views``)."""
+        return self._views is not None and self._views.retire(address, length)
 
     def offset_of(self, address: int) -> int:
         """The Anon offset that ``address`` (inside this mapping) shows."""
@@ -236,7 +254,7 @@ class Anon:
         self._counts = MapCounts(size // self.page_size)
         self._segments: list[_Segment] = []
         self._starts: list[int] = []
-        self._mappings: set[Mapping] = set()
+        self._nmappings = 0
         self._overlays: set[Overlay] = set()
         self._freed_bytes = 0
         self._punch_calls = 0
@@ -266,23 +284,38 @@ class Anon:
         keep the mapping (they are counted: see ``devanon.forking``); by default a child
         does not get it (MADV_DONTFORK).
         """
-        offset, length = self._check_range(offset, length)
+        ps = self.page_size
+        if (
+            type(offset) is not int
+            or type(length) is not int
+            or offset < 0
+            or length <= 0
+            or (offset | length) % ps
+            or offset + length > self.size
+        ):  # the common case needs none of _check_range's messages
+            offset, length = self._check_range(offset, length)
         if address is not None:
-            address = _checks.aligned("address", address, self.page_size, positive=True)
+            address = _checks.aligned("address", address, ps, positive=True)
         if writable and not self._writable_fd:
             raise ValueError(f"cannot map {self.name!r} writable: its descriptor is read-only")
         prot = _libc.PROT_READ | (_libc.PROT_WRITE if writable else 0)
         with self._lock:
-            self._check_open()
-            self._reap()
+            if self.fd < 0:
+                self._check_open()
+            if self._fork.children:
+                self._reap()
             if address is None:
                 address = self._mmap(0, length, prot, _libc.MAP_SHARED, offset, inherit)
-                replaced: list[_Segment] = []
+                mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
+                self._counts.add(offset // ps, (offset + length) // ps)
+                self._insert(_Segment(address, address + length, mapping, None))
+                self._nmappings += 1
+                return mapping
             else:
                 self._check_owned(address, length)
                 replaced = self._pieces(address, address + length)
                 for seg in replaced:
-                    if seg.owner._views.live:
+                    if seg.owner._has_views():
                         raise BufferError(
                             f"cannot map over {seg.start:#x}: {seg.owner!r} has live views"
                         )
@@ -290,11 +323,10 @@ class Anon:
                     address, length, prot, _libc.MAP_SHARED | _libc.MAP_FIXED, offset, inherit
                 )
             mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
-            first, last = self._page_range(offset, length)
-            self._counts.add(first, last)
+            self._counts.add(offset // ps, (offset + length) // ps)
             zeros = self._forget(replaced)
             self._insert(_Segment(address, address + length, mapping, None))
-            self._mappings.add(mapping)
+            self._nmappings += 1
             self._punch(zeros)
             return mapping
 
@@ -399,7 +431,7 @@ class Anon:
                 resident_bytes=os.fstat(self.fd).st_blocks * 512,
                 freed_bytes=self._freed_bytes,
                 punch_calls=self._punch_calls,
-                mappings=len(self._mappings),
+                mappings=self._nmappings,
                 overlays=len(self._overlays),
                 count_runs=self._counts.nruns(),
                 count_bytes=self._counts.nbytes(),
@@ -561,7 +593,7 @@ class Anon:
                 self._discard_overlay(seg.overlay)
             seg.owner._pieces -= 1
             if seg.owner._pieces == 0:
-                self._mappings.discard(seg.owner)
+                self._nmappings -= 1
         return zeros
 
     def _discard_overlay(self, overlay: Overlay) -> None:
@@ -576,7 +608,7 @@ class Anon:
             run: list[_Segment] = []
             for seg in pieces:
                 try:
-                    retired = seg.owner._views.retire(seg.start, seg.stop - seg.start)
+                    retired = seg.owner._retire(seg.start, seg.stop - seg.start)
                 except OSError as e:
                     raise _checks.max_map_count_hint(e) from None
                 if retired:
@@ -622,15 +654,10 @@ class Anon:
         """Punch page ranges that fell to zero, coalescing neighbours into one call each."""
         if not zeros or self._fork.is_child:
             return
-        zeros.sort()
-        merged: list[list[int]] = []
-        for a, b in zeros:
-            if merged and merged[-1][1] == a:
-                merged[-1][1] = b
-            else:
-                merged.append([a, b])
         ps = self.page_size
-        for a, b in merged:
+        if len(zeros) > 1:
+            zeros = _coalesce(zeros)
+        for a, b in zeros:
             self._punch_calls += punch_range(self.fd, a * ps, (b - a) * ps, name=self.name)
             self._freed_bytes += (b - a) * ps
 
@@ -675,16 +702,41 @@ class Anon:
             )
             if covered != mapping.length:
                 raise ValueError(f"{mapping!r} is not wholly mapped any more: no view of it")
+            if mapping._views is None:
+                mapping._views = ViewTracker()
             return mapping._views.view(
                 mapping.address, mapping.length, readonly=not mapping.writable
             )
 
     def _close_mapping(self, mapping: Mapping) -> None:
         with self._lock:
-            self._check_open()
-            if mapping.closed:
+            if self.fd < 0:
+                self._check_open()
+            if mapping._pieces == 0:
                 raise ValueError(f"{mapping!r} is already closed")
-            self._reap()
+            if self._fork.children:
+                self._reap()
+            if mapping._pieces == 1 and not mapping._has_views():
+                # The common case, kept short: one whole segment, no overlay, no view.
+                k = bisect_left(self._starts, mapping.address)
+                seg = self._segments[k]
+                if (
+                    seg.owner is mapping
+                    and seg.overlay is None
+                    and seg.stop - seg.start == mapping.length
+                ):
+                    self._munmap_run([seg], [])
+                    del self._segments[k]
+                    del self._starts[k]
+                    mapping._pieces = 0
+                    self._nmappings -= 1
+                    ps = self.page_size
+                    self._punch(
+                        self._counts.remove(
+                            mapping.offset // ps, (mapping.offset + mapping.length) // ps
+                        )
+                    )
+                    return
             lo = bisect_left(self._starts, mapping.address)
             hi = bisect_left(self._starts, mapping.address + mapping.length)
             spans: list[list[int]] = []
@@ -739,5 +791,5 @@ class Anon:
         Their views, copied with the heap, would point at nothing: quarantine them.
         """
         for seg in [s for s in self._segments if not s.owner.inherit]:
-            seg.owner._views.retire(seg.start, seg.stop - seg.start)
+            seg.owner._retire(seg.start, seg.stop - seg.start)
             self._forget([seg])

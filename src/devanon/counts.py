@@ -51,13 +51,13 @@ class MapCounts:
         changes nothing, if any page in the range has no count to lose.
         """
         self._check(start, stop)
-        first = bisect_right(self._starts, start) - 1
-        last = bisect_left(self._starts, stop)
-        for k in range(first, last):
-            if self._counts[k] == 0:
-                page = max(start, self._starts[k])
-                raise ValueError(f"page {page} is not mapped (its count is 0)")
-        return self._apply(start, stop, -1)
+        starts, counts = self._starts, self._counts
+        first = bisect_right(starts, start) - 1
+        last = bisect_left(starts, stop)
+        if 0 not in counts[first:last]:  # a C scan, however many runs
+            return self._apply(start, stop, -1)
+        k = counts.index(0, first, last)
+        raise ValueError(f"page {max(start, starts[k])} is not mapped (its count is 0)")
 
     def runs(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int]]:
         """``(start, stop, count)`` for each run, clipped to ``[start, stop)``."""
@@ -115,12 +115,14 @@ class MapCounts:
         first = self._split(start)
         last = self._split(stop)
         starts, counts = self._starts, self._counts
-        zeros: list[PageRange] = []
-        for k in range(first, last):
-            counts[k] += delta
-            if counts[k] == 0:
-                end = starts[k + 1] if k + 1 < len(starts) else self.npages
-                zeros.append((starts[k], end))
+        if last - first > _VECTOR_RUNS:
+            zeros = _apply_vectorized(starts, counts, first, last, delta, self.npages)
+        else:
+            zeros = []
+            for k in range(first, last):
+                c = counts[k] = counts[k] + delta
+                if c == 0:
+                    zeros.append((starts[k], starts[k + 1] if k + 1 < len(starts) else self.npages))
         # Runs inside the range stay distinct (all moved by the same delta); only the two
         # edges may now equal their outside neighbours. The right edge first, so that
         # ``first`` still indexes the same run.
@@ -131,3 +133,27 @@ class MapCounts:
             del starts[first]
             del counts[first]
         return zeros
+
+
+_VECTOR_RUNS = 32
+"""Ranges spanning more runs than this are updated by numpy, not a Python loop."""
+
+
+def _apply_vectorized(
+    starts: array[int], counts: array[int], first: int, last: int, delta: int, npages: int
+) -> list[PageRange]:
+    """``counts[first:last] += delta`` in C; returns the runs that reached zero.
+
+    The numpy views borrow the arrays' buffers; they are dropped before the caller
+    resizes the arrays again (an array refuses to resize while a buffer is exported).
+    """
+    import numpy as np  # only paid for by big, fragmented ranges
+
+    view = np.frombuffer(counts, dtype=np.int64)[first:last]
+    view += delta
+    if delta > 0:
+        return []
+    hit = np.flatnonzero(view == 0) + first
+    begins = np.frombuffer(starts, dtype=np.int64)
+    ends = np.where(hit + 1 < len(begins), begins[np.minimum(hit + 1, len(begins) - 1)], npages)
+    return list(zip(begins[hit].tolist(), ends.tolist(), strict=True))
