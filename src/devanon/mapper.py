@@ -1,0 +1,631 @@
+"""Mapper: the address-space half of an Anon, shared by the device and the broker's client.
+
+A Mapper keeps, for each piece of this process's address space that it owns, which
+``Mapping`` it belongs to and whether an ``Overlay`` covers it (the segment list). It makes
+the mmap/munmap calls, and tells its subclass which page ranges gained or lost a count:
+
+- ``_gain(ranges)`` comes *before* the call that maps the pages, so a count is never
+  missing while a page is mapped (the broker's other clients may unmap it meanwhile);
+- ``_lose(ranges)`` comes *after* the call that unmapped them (or laid an overlay over
+  them), so a page is never punched while still mapped here.
+
+``Anon`` keeps the counts in this process and punches; ``broker.SharedAnon`` sends them to
+the daemon, which counts for every process.
+
+Facts the code relies on:
+
+- Mappings are always ``MAP_SHARED``. A ``MAP_PRIVATE`` mapping of the memfd would keep
+  private copies that no punch frees (Cloud Hypervisor #8246).
+- ``mmap(MAP_FIXED)`` replaces whatever was at the address. A Mapper only ever places a
+  mapping or overlay over address space it already owns, so it never clobbers foreign
+  memory, and it updates its books only after the kernel said yes.
+- A failed ``mmap(MAP_FIXED)`` or ``munmap`` (ENOMEM at ``vm.max_map_count``) leaves the old
+  mappings in place (checked by the tests on this kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from bisect import bisect_left, bisect_right
+
+from devanon import _checks, _libc
+from devanon.counts import PageRange
+from devanon.views import ViewTracker
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class _Segment:
+    """A piece of address space the Mapper owns: part of ``owner``, maybe under an overlay.
+
+    ``counted`` is False for a piece whose count someone else holds (a forked child's
+    inherited piece of a shared object: the parent pinned it).
+    """
+
+    __slots__ = ("counted", "overlay", "owner", "start", "stop")
+
+    def __init__(
+        self, start: int, stop: int, owner: Mapping, overlay: Overlay | None, counted: bool = True
+    ) -> None:
+        self.start = start
+        self.stop = stop
+        self.owner = owner
+        self.overlay = overlay
+        self.counted = counted
+
+
+class Mapping:
+    """One ``map()``: ``length`` bytes of the object from ``offset``, at ``address``.
+
+    Pieces of it may be unmapped (``unmap``) or covered by overlays; ``close()`` unmaps what
+    is left. Use as a context manager.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_pieces",
+        "_views",
+        "address",
+        "anon",
+        "inherit",
+        "length",
+        "offset",
+        "writable",
+    )
+
+    def __init__(
+        self, anon: Mapper, address: int, offset: int, length: int, writable: bool, inherit: bool
+    ) -> None:
+        self.anon = anon
+        self.address = address
+        self.offset = offset
+        self.length = length
+        self.writable = writable
+        self.inherit = inherit
+        self._pieces = 0
+        self._views: ViewTracker | None = None  # made by the first view()
+
+    @property
+    def closed(self) -> bool:
+        """True once no piece of the mapping is left."""
+        return self._pieces == 0
+
+    def offset_of(self, address: int) -> int:
+        """The object offset that ``address`` (inside this mapping) shows."""
+        return self.offset + (address - self.address)
+
+    def view(self) -> memoryview:
+        """A memoryview of the whole mapping (read-only unless the mapping is writable).
+
+        The view stays safe after the mapping is unmapped: see ``devanon.views``.
+        """
+        return self.anon._view(self)
+
+    def close(self) -> None:
+        """Unmap whatever of the mapping is still mapped."""
+        self.anon._close_mapping(self)
+
+    def _has_views(self) -> bool:
+        return self._views is not None and self._views.live > 0
+
+    def _retire(self, address: int, length: int) -> bool:
+        """Quarantine a piece if views of this mapping are alive (see ``devanon.views``)."""
+        return self._views is not None and self._views.retire(address, length)
+
+    def __enter__(self) -> Mapping:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.closed and not self.anon.closed:
+            self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self._pieces} pieces"
+        return (
+            f"<devanon.Mapping {self.length:#x} bytes of {self.anon.name!r} from offset "
+            f"{self.offset:#x} at {self.address:#x}, {state}>"
+        )
+
+
+class Overlay:
+    """Another file's pages mapped privately over memory a Mapper maps (ubd-mmap's primitive).
+
+    ``release()`` maps the object back in place. Use as a context manager.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_pieces",
+        "address",
+        "anon",
+        "file",
+        "file_offset",
+        "length",
+        "writable",
+    )
+
+    def __init__(
+        self, anon: Mapper, address: int, file: str, file_offset: int, length: int, writable: bool
+    ) -> None:
+        self.anon = anon
+        self.address = address
+        self.file = file
+        self.file_offset = file_offset
+        self.length = length
+        self.writable = writable
+        self._pieces = 0
+
+    @property
+    def released(self) -> bool:
+        """True once no piece of the overlay is left (released, unmapped or mapped over)."""
+        return self._pieces == 0
+
+    def release(self) -> None:
+        """Map the object back under the overlay; those pages regain their count."""
+        self.anon._release_overlay(self)
+
+    def __enter__(self) -> Overlay:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.released and not self.anon.closed:
+            self.release()
+
+    def __repr__(self) -> str:
+        return (
+            f"<devanon.Overlay {self.length:#x} bytes of {self.file} from {self.file_offset:#x} "
+            f"at {self.address:#x}{', released' if self.released else ''}>"
+        )
+
+
+def _coalesce(ranges: list[PageRange]) -> list[PageRange]:
+    """Sorted ranges with touching neighbours joined."""
+    out: list[PageRange] = []
+    for a, b in sorted(ranges):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+class Mapper(ABC):
+    """Maps, unmaps and overlays one file's pages; subclasses keep the counts.
+
+    Subclasses set ``fd``, ``size``, ``page_size``, ``name``, ``hugepages`` and
+    ``_writable_fd``, call ``_init_books()``, and implement ``_gain``, ``_lose``,
+    ``_before_op`` and ``closed``.
+    """
+
+    fd: int
+    size: int
+    page_size: int
+    name: str
+    hugepages: bool
+    _writable_fd: bool
+
+    def _init_books(self) -> None:
+        self._lock = threading.RLock()
+        self._segments: list[_Segment] = []
+        self._starts: list[int] = []
+        self._nmappings = 0
+        self._overlays: set[Overlay] = set()
+
+    # -- what subclasses provide -----------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def closed(self) -> bool:
+        """True once the object is closed."""
+
+    @abstractmethod
+    def _gain(self, ranges: list[PageRange]) -> None:
+        """Pages about to be mapped: each range gains one count."""
+
+    @abstractmethod
+    def _lose(self, ranges: list[PageRange]) -> None:
+        """Pages just unmapped: each range loses one count (and is freed at zero)."""
+
+    @abstractmethod
+    def _before_op(self) -> None:
+        """Called with the lock held at the start of every operation."""
+
+    # -- public API --------------------------------------------------------------------
+
+    def map(
+        self,
+        offset: int,
+        length: int,
+        *,
+        address: int | None = None,
+        writable: bool = True,
+        inherit: bool = False,
+    ) -> Mapping:
+        """Map ``[offset, offset+length)``; every page in it gains one count.
+
+        ``address`` places the mapping with MAP_FIXED, only over memory this object already
+        maps; what was there counts as unmapped. ``inherit=True`` lets forked children
+        keep the mapping (they are counted: see ``devanon.forking``); by default a child
+        does not get it (MADV_DONTFORK).
+        """
+        ps = self.page_size
+        if (
+            type(offset) is not int
+            or type(length) is not int
+            or offset < 0
+            or length <= 0
+            or (offset | length) % ps
+            or offset + length > self.size
+        ):  # the common case needs none of _check_range's messages
+            offset, length = self._check_range(offset, length)
+        if address is not None:
+            address = _checks.aligned("address", address, ps, positive=True)
+        if writable and not self._writable_fd:
+            raise PermissionError(
+                f"cannot map {self.name!r} writable: this descriptor is read-only"
+            )
+        prot = _libc.PROT_READ | (_libc.PROT_WRITE if writable else 0)
+        pages = [(offset // ps, (offset + length) // ps)]
+        with self._lock:
+            if self.closed:
+                self._check_open()
+            self._before_op()
+            replaced: list[_Segment] = []
+            if address is not None:
+                self._check_owned(address, length)
+                replaced = self._pieces(address, address + length)
+                for seg in replaced:
+                    if seg.owner._has_views():
+                        raise BufferError(
+                            f"cannot map over {seg.start:#x}: {seg.owner!r} has live views"
+                        )
+            self._gain(pages)
+            try:
+                if address is None:
+                    address = self._mmap(0, length, prot, _libc.MAP_SHARED, offset, inherit)
+                else:
+                    flags = _libc.MAP_SHARED | _libc.MAP_FIXED
+                    self._mmap(address, length, prot, flags, offset, inherit)
+            except BaseException:
+                self._lose(pages)
+                raise
+            mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
+            lost = self._forget(replaced) if replaced else None
+            self._insert(_Segment(address, address + length, mapping, None))
+            self._nmappings += 1
+            if lost:
+                self._lose(lost)
+            return mapping
+
+    def unmap(self, address: int, length: int) -> None:
+        """munmap semantics over this object's mappings: may cut one in two or span several.
+
+        Every byte of the range must belong to this object's mappings (or overlays on them).
+        Pages whose count falls to zero are freed.
+        """
+        address = _checks.aligned("address", address, self.page_size, positive=True)
+        length = _checks.aligned("length", length, self.page_size, positive=True)
+        with self._lock:
+            self._check_open()
+            self._before_op()
+            self._check_owned(address, length)
+            self._unmap_owned(address, address + length)
+
+    def overlay(
+        self,
+        address: int,
+        file: int | str | os.PathLike[str],
+        file_offset: int,
+        length: int,
+        *,
+        writable: bool = False,
+    ) -> Overlay:
+        """Map ``file``'s pages (MAP_FIXED | MAP_PRIVATE) over memory this object maps.
+
+        The pages underneath lose that count, exactly as munmap would (and are freed if it
+        falls to zero). ``writable=True`` makes writes private copies; the file itself is
+        never written.
+        """
+        address = _checks.aligned("address", address, self.page_size, positive=True)
+        length = _checks.aligned("length", length, self.page_size, positive=True)
+        file_offset = _checks.aligned("file_offset", file_offset, PAGE_SIZE)
+        target = _checks.path_or_fd("file", file)
+        fd = target if isinstance(target, int) else os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        label = f"fd {fd}" if isinstance(target, int) else str(target)
+        try:
+            file_size = os.fstat(fd).st_size
+            if file_offset + length > -(-file_size // PAGE_SIZE) * PAGE_SIZE:
+                raise ValueError(
+                    f"overlay of {label} [{file_offset:#x}, {file_offset + length:#x}) reaches "
+                    f"past its end ({file_size:#x}): those pages would fault with SIGBUS"
+                )
+            prot = _libc.PROT_READ | (_libc.PROT_WRITE if writable else 0)
+            with self._lock:
+                self._check_open()
+                self._before_op()
+                self._check_owned(address, length)
+                pieces = self._pieces(address, address + length)
+                try:
+                    _libc.mmap(
+                        address, length, prot, _libc.MAP_PRIVATE | _libc.MAP_FIXED, fd, file_offset
+                    )
+                except OSError as e:
+                    raise _checks.max_map_count_hint(e) from None
+                overlay = Overlay(self, address, label, file_offset, length, bool(writable))
+                lost: list[PageRange] = []
+                for seg in pieces:
+                    self._advise_fork(seg.start, seg.stop - seg.start, seg.owner.inherit)
+                    if seg.overlay is None:
+                        if seg.counted:
+                            lost.append(self._seg_pages(seg))
+                    else:
+                        seg.overlay._pieces -= 1
+                        self._discard_overlay(seg.overlay)
+                    seg.overlay = overlay
+                    overlay._pieces += 1
+                self._overlays.add(overlay)
+                self._lose(lost)
+                return overlay
+        finally:
+            if not isinstance(target, int):
+                os.close(fd)
+
+    # -- books (the lock is held) ------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError(f"{self!r} is closed")
+
+    def _check_range(self, offset: int, length: int) -> tuple[int, int]:
+        offset = _checks.aligned("offset", offset, self.page_size)
+        length = _checks.aligned("length", length, self.page_size, positive=True)
+        if offset + length > self.size:
+            raise ValueError(
+                f"range [{offset:#x}, {offset + length:#x}) reaches past the end of "
+                f"{self.name!r} (size {self.size:#x})"
+            )
+        return offset, length
+
+    def _seg_pages(self, seg: _Segment) -> PageRange:
+        offset = seg.owner.offset_of(seg.start)
+        return offset // self.page_size, (offset + seg.stop - seg.start) // self.page_size
+
+    def _check_owned(self, address: int, length: int) -> None:
+        """ValueError unless every byte of the range is in this object's segments."""
+        stop = address + length
+        k = bisect_right(self._starts, address) - 1
+        pos = address
+        while pos < stop:
+            if (
+                k < 0
+                or k >= len(self._segments)
+                or self._segments[k].stop <= pos
+                or self._segments[k].start > pos
+            ):
+                raise ValueError(
+                    f"address range [{address:#x}, {stop:#x}) is not all mapped by "
+                    f"{self!r}: nothing of it at {pos:#x}"
+                )
+            pos = self._segments[k].stop
+            k += 1
+
+    def _cut(self, address: int) -> None:
+        """Split the segment holding ``address`` so that one starts there."""
+        k = bisect_right(self._starts, address) - 1
+        if k < 0:
+            return
+        seg = self._segments[k]
+        if not seg.start < address < seg.stop:
+            return
+        tail = _Segment(address, seg.stop, seg.owner, seg.overlay, seg.counted)
+        seg.stop = address
+        self._segments.insert(k + 1, tail)
+        self._starts.insert(k + 1, address)
+        seg.owner._pieces += 1
+        if seg.overlay is not None:
+            seg.overlay._pieces += 1
+
+    def _pieces(self, start: int, stop: int) -> list[_Segment]:
+        """The segments exactly covering ``[start, stop)`` (owned), cut at its edges."""
+        self._cut(start)
+        self._cut(stop)
+        return self._segments[bisect_left(self._starts, start) : bisect_left(self._starts, stop)]
+
+    def _insert(self, seg: _Segment) -> None:
+        k = bisect_left(self._starts, seg.start)
+        self._segments.insert(k, seg)
+        self._starts.insert(k, seg.start)
+        seg.owner._pieces += 1
+
+    def _forget(self, pieces: list[_Segment]) -> list[PageRange]:
+        """Drop contiguous ``pieces`` from the books; returns the counted pages they held."""
+        if not pieces:
+            return []
+        k = bisect_left(self._starts, pieces[0].start)
+        del self._segments[k : k + len(pieces)]
+        del self._starts[k : k + len(pieces)]
+        lost: list[PageRange] = []
+        for seg in pieces:
+            if seg.overlay is None:
+                if seg.counted:
+                    lost.append(self._seg_pages(seg))
+            else:
+                seg.overlay._pieces -= 1
+                self._discard_overlay(seg.overlay)
+            seg.owner._pieces -= 1
+            if seg.owner._pieces == 0:
+                self._nmappings -= 1
+        return lost
+
+    def _discard_overlay(self, overlay: Overlay) -> None:
+        if overlay._pieces == 0:
+            self._overlays.discard(overlay)
+
+    def _unmap_owned(self, start: int, stop: int) -> None:
+        """Unmap owned ``[start, stop)``: quarantine pieces with live views, munmap the rest."""
+        pieces = self._pieces(start, stop)
+        done: list[_Segment] = []
+        try:
+            run: list[_Segment] = []
+            for seg in pieces:
+                try:
+                    retired = seg.owner._retire(seg.start, seg.stop - seg.start)
+                except OSError as e:
+                    raise _checks.max_map_count_hint(e) from None
+                if retired:
+                    self._munmap_run(run, done)
+                    done.append(seg)
+                else:
+                    run.append(seg)
+            self._munmap_run(run, done)
+        finally:
+            if done:
+                self._lose(self._forget(sorted(done, key=lambda s: s.start)))
+
+    def _munmap_run(self, run: list[_Segment], done: list[_Segment]) -> None:
+        if not run:
+            return
+        try:
+            _libc.munmap(run[0].start, run[-1].stop - run[0].start)
+        except OSError as e:
+            raise _checks.max_map_count_hint(e) from None
+        done.extend(run)
+        run.clear()
+
+    def _mmap(
+        self, address: int, length: int, prot: int, flags: int, offset: int, inherit: bool
+    ) -> int:
+        try:
+            address = _libc.mmap(address, length, prot, flags, self.fd, offset)
+        except OSError as e:
+            if self.hugepages:
+                raise _checks.hugepage_hint(e) from None
+            raise _checks.max_map_count_hint(e) from None
+        self._advise_fork(address, length, inherit)
+        return address
+
+    def _advise_fork(self, address: int, length: int, inherit: bool) -> None:
+        """MADV_DONTFORK unless ``inherit``: see ``devanon.forking``."""
+        if not inherit:
+            _libc.madvise(address, length, _libc.MADV_DONTFORK)
+
+    def _unmap_all(self) -> None:
+        """Unmap every mapping and overlay (closing)."""
+        while self._segments:
+            first = self._segments[0]
+            stop = first.stop
+            for seg in self._segments[1:]:
+                if seg.start != stop:
+                    break
+                stop = seg.stop
+            self._unmap_owned(first.start, stop)
+
+    # -- called by Mapping and Overlay ---------------------------------------------------
+
+    def _view(self, mapping: Mapping) -> memoryview:
+        with self._lock:
+            self._check_open()
+            lo = bisect_left(self._starts, mapping.address)
+            hi = bisect_left(self._starts, mapping.address + mapping.length)
+            covered = sum(
+                seg.stop - seg.start for seg in self._segments[lo:hi] if seg.owner is mapping
+            )
+            if covered != mapping.length:
+                raise ValueError(f"{mapping!r} is not wholly mapped any more: no view of it")
+            if mapping._views is None:
+                mapping._views = ViewTracker()
+            return mapping._views.view(
+                mapping.address, mapping.length, readonly=not mapping.writable
+            )
+
+    def _close_mapping(self, mapping: Mapping) -> None:
+        with self._lock:
+            if self.closed:
+                self._check_open()
+            if mapping._pieces == 0:
+                raise ValueError(f"{mapping!r} is already closed")
+            self._before_op()
+            if mapping._pieces == 1 and not mapping._has_views():
+                # The common case, kept short: one whole segment, no overlay, no view.
+                k = bisect_left(self._starts, mapping.address)
+                seg = self._segments[k]
+                if (
+                    seg.owner is mapping
+                    and seg.overlay is None
+                    and seg.counted
+                    and seg.stop - seg.start == mapping.length
+                ):
+                    self._munmap_run([seg], [])
+                    del self._segments[k]
+                    del self._starts[k]
+                    mapping._pieces = 0
+                    self._nmappings -= 1
+                    self._lose([self._seg_pages(seg)])
+                    return
+            lo = bisect_left(self._starts, mapping.address)
+            hi = bisect_left(self._starts, mapping.address + mapping.length)
+            spans: list[list[int]] = []
+            for seg in self._segments[lo:hi]:
+                if seg.owner is not mapping:
+                    continue
+                if spans and spans[-1][1] == seg.start:
+                    spans[-1][1] = seg.stop
+                else:
+                    spans.append([seg.start, seg.stop])
+            for start, stop in spans:
+                self._unmap_owned(start, stop)
+
+    def _release_overlay(self, overlay: Overlay) -> None:
+        with self._lock:
+            self._check_open()
+            if overlay.released:
+                raise ValueError(f"{overlay!r} is already released")
+            self._before_op()
+            lo = bisect_left(self._starts, overlay.address)
+            hi = bisect_left(self._starts, overlay.address + overlay.length)
+            for seg in self._segments[lo:hi]:
+                if seg.overlay is not overlay:
+                    continue
+                owner = seg.owner
+                prot = _libc.PROT_READ | (_libc.PROT_WRITE if owner.writable else 0)
+                pages = [self._seg_pages(seg)]
+                self._gain(pages)
+                try:
+                    self._mmap(
+                        seg.start,
+                        seg.stop - seg.start,
+                        prot,
+                        _libc.MAP_SHARED | _libc.MAP_FIXED,
+                        owner.offset_of(seg.start),
+                        owner.inherit,
+                    )
+                except BaseException:
+                    self._lose(pages)
+                    raise
+                seg.overlay = None
+                seg.counted = True
+                overlay._pieces -= 1
+            self._discard_overlay(overlay)
+
+    # -- fork (devanon.forking holds the lock from before fork() to after) ------------------
+
+    def _inherited_pages(self) -> list[PageRange]:
+        """The counted pages of inherited mappings (a child gets these)."""
+        return [
+            self._seg_pages(s)
+            for s in self._segments
+            if s.owner.inherit and s.overlay is None and s.counted
+        ]
+
+    def _drop_uninherited(self) -> list[PageRange]:
+        """In a child: forget the mappings MADV_DONTFORK kept from it; returns their pages.
+
+        Their views, copied with the heap, would point at nothing: quarantine them.
+        """
+        lost: list[PageRange] = []
+        for seg in [s for s in self._segments if not s.owner.inherit]:
+            seg.owner._retire(seg.start, seg.stop - seg.start)
+            lost += self._forget([seg])
+        return lost
