@@ -173,6 +173,42 @@ class Anon(Mapper):
         state = "closed" if self.closed else f"fd {self.fd}"
         return f"<devanon.Anon {self.name!r} {self.size:#x} bytes on {where}, {state}>"
 
+    # -- backing file ------------------------------------------------------------------
+
+    def _open_backing(self, size: int) -> int:
+        if self.path is None:
+            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
+            if self.hugepages:
+                flags |= os.MFD_HUGETLB | os.MFD_HUGE_2MB
+            fd = os.memfd_create(self.name, flags)
+            try:
+                os.ftruncate(fd, size)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+            except BaseException:
+                os.close(fd)
+                raise
+            return fd
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fs = filesystem_of(fd)
+            if self.hugepages and fs != _HUGETLBFS:
+                raise ValueError(
+                    f"hugepages=True needs a path on hugetlbfs; {self.path} is on {fs}"
+                )
+            if fs == _HUGETLBFS:
+                self.hugepages = True
+                self.page_size = os.fstat(fd).st_blksize
+                _checks.aligned("size", size, self.page_size)
+            os.ftruncate(fd, size)
+            # Probe once that the filesystem can punch, so the error comes now and not at
+            # the first unmap (punching a hole in a hole changes nothing).
+            punch_range(fd, 0, self.page_size, name=self.path)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        return fd
+
     # -- the counts (Mapper's hooks; the lock is held) ------------------------------------
 
     _closing = False
@@ -226,48 +262,14 @@ class Anon(Mapper):
 
     # -- fork (devanon.forking holds the lock from before fork() to after) ------------------
 
-    def _fork_parent(self) -> list[PageRange]:
-        """In the parent: pin the inherited pages for the child; returns the pins."""
+    def _forked(self, lifeline: int) -> None:
+        """In the parent: pin the inherited pages for the child until it is gone."""
         pins = self._inherited_pages()
         self._gain(pins)
-        return pins
+        self._fork.children.append(_forking.Child(lifeline, pins))
 
     def _fork_child(self) -> None:
         """In the child: forget the mappings the child did not inherit (never punching)."""
+        self._fork.close()  # the parent's other children are not ours to wait for
+        self._fork.is_child = True
         self._lose(self._drop_uninherited())
-
-    # -- backing file ------------------------------------------------------------------
-
-    def _open_backing(self, size: int) -> int:
-        if self.path is None:
-            flags = os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING
-            if self.hugepages:
-                flags |= os.MFD_HUGETLB | os.MFD_HUGE_2MB
-            fd = os.memfd_create(self.name, flags)
-            try:
-                os.ftruncate(fd, size)
-                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
-            except BaseException:
-                os.close(fd)
-                raise
-            return fd
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fs = filesystem_of(fd)
-            if self.hugepages and fs != _HUGETLBFS:
-                raise ValueError(
-                    f"hugepages=True needs a path on hugetlbfs; {self.path} is on {fs}"
-                )
-            if fs == _HUGETLBFS:
-                self.hugepages = True
-                self.page_size = os.fstat(fd).st_blksize
-                _checks.aligned("size", size, self.page_size)
-            os.ftruncate(fd, size)
-            # Probe once that the filesystem can punch, so the error comes now and not at
-            # the first unmap (punching a hole in a hole changes nothing).
-            punch_range(fd, 0, self.page_size, name=self.path)
-        except BaseException:
-            os.close(fd)
-            os.unlink(self.path)
-            raise
-        return fd

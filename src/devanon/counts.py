@@ -14,6 +14,7 @@ runs always differ in count: the set is kept maximally merged.
 
 from __future__ import annotations
 
+import itertools
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
@@ -39,25 +40,28 @@ class MapCounts:
         self._check(page, page + 1)
         return self._counts[bisect_right(self._starts, page) - 1]
 
-    def add(self, start: int, stop: int) -> None:
-        """Every page in ``[start, stop)`` gains one count."""
+    def add(self, start: int, stop: int, n: int = 1) -> None:
+        """Every page in ``[start, stop)`` gains ``n`` counts."""
         self._check(start, stop)
-        self._apply(start, stop, 1)
+        self._apply(start, stop, n)
 
-    def remove(self, start: int, stop: int) -> list[PageRange]:
-        """Every page in ``[start, stop)`` loses one count; returns the ranges now at zero.
+    def remove(self, start: int, stop: int, n: int = 1) -> list[PageRange]:
+        """Every page in ``[start, stop)`` loses ``n`` counts; returns the ranges now at zero.
 
-        The ranges come coalesced and sorted, ready to be punched. Raises ValueError, and
-        changes nothing, if any page in the range has no count to lose.
+        The ranges come sorted, ready to be punched. Raises ValueError, and changes
+        nothing, if any page in the range has fewer than ``n`` counts to lose.
         """
         self._check(start, stop)
         starts, counts = self._starts, self._counts
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)
-        if 0 not in counts[first:last]:  # a C scan, however many runs
-            return self._apply(start, stop, -1)
-        k = counts.index(0, first, last)
-        raise ValueError(f"page {max(start, starts[k])} is not mapped (its count is 0)")
+        held = counts[first:last]
+        if (0 not in held) if n == 1 else min(held) >= n:  # a C scan, however many runs
+            return self._apply(start, stop, -n)
+        k = first + next(i for i, c in enumerate(held) if c < n)
+        raise ValueError(
+            f"page {max(start, starts[k])} is not mapped {n} times (its count is {counts[k]})"
+        )
 
     def runs(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, int]]:
         """``(start, stop, count)`` for each run, clipped to ``[start, stop)``."""
@@ -81,6 +85,22 @@ class MapCounts:
     def mapped_pages(self) -> int:
         """How many pages have a count above zero."""
         return sum(b - a for a, b, c in self.runs() if c > 0)
+
+    def diff(self, other: MapCounts) -> list[tuple[int, int, int, int]]:
+        """Where two count sets differ: ``(start, stop, ours, theirs)``, coalesced."""
+        if other.npages != self.npages:
+            raise ValueError(f"cannot compare {self.npages} pages with {other.npages}")
+        bounds = sorted({*self._starts, *other._starts, self.npages})
+        out: list[tuple[int, int, int, int]] = []
+        for a, b in itertools.pairwise(bounds):
+            ours, theirs = self.count(a), other.count(a)
+            if ours == theirs:
+                continue
+            if out and out[-1][1] == a and out[-1][2:] == (ours, theirs):
+                out[-1] = (out[-1][0], b, ours, theirs)
+            else:
+                out.append((a, b, ours, theirs))
+        return out
 
     def nruns(self) -> int:
         """How many runs the counts take."""

@@ -4,59 +4,67 @@ The 2004 patch counted only at mmap time: fork copied the mappings without a cou
 child's exit could free pages its parent still used. Here:
 
 - A mapping is not inherited (MADV_DONTFORK) unless it was made with ``inherit=True``; the
-  child's copy of the Anon forgets those mappings.
-- For inherited mappings, the parent pins their pages with one more count per child, and
-  keeps the read end of a pipe whose write end only the child (and its own children) hold.
+  child's copy of the object forgets those mappings.
+- For inherited mappings, the parent pins their pages with one more count per child, held
+  by the read end of a pipe whose write end only the child (and its own children) hold.
   The write end closes exactly when no descendant can map the pages any more: at exit, or
-  at exec (it is close-on-exec, and exec drops mappings too). The parent notices EOF at its
-  next call, drops the pins, and punches every page left with no count, including pages the
-  child mapped and wrote on its own.
-- A child never punches: it cannot know what its parent (or a sibling) maps. Its pages go
-  back to the host when its parent sweeps after it is gone. For processes that share an
-  Anon as equals, use the broker, which counts for all of them.
+  at exec (it is close-on-exec, and exec drops mappings too). An ``Anon`` notices EOF at
+  its next call, drops the pins and punches every page left with no count, including
+  pages the child mapped and wrote on its own; a broker object hands the read end to the
+  daemon, which does the same.
+- A child of an ``Anon`` never punches: it cannot know what its parent (or a sibling)
+  maps. Processes that share memory as equals use the broker, which counts for all.
 
-The hooks hold every Anon's lock across fork(), so no child inherits half-updated books.
+The hooks hold every tracked object's lock across fork(), so no child inherits half-updated
+books.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from devanon.counts import MapCounts, PageRange
 
-if TYPE_CHECKING:
-    from devanon.anon import Anon
+
+class Forkable(Protocol):
+    """What the fork hooks need of an object (Anon, broker.SharedAnon)."""
+
+    _lock: threading.RLock
+
+    @property
+    def closed(self) -> bool: ...
+
+    def _forked(self, lifeline: int) -> None:
+        """In the parent, after fork: pin what the child inherited; owns ``lifeline``."""
+
+    def _fork_child(self) -> None:
+        """In the child, after fork: drop what the child did not inherit."""
 
 
 @dataclass(slots=True)
-class _Child:
+class Child:
+    """A forked child's pins, held until ``lifeline`` (a pipe's read end) reads EOF."""
+
     lifeline: int
-    """Read end of the pipe: EOF once the child and its descendants are gone."""
     pins: list[PageRange]
 
 
 @dataclass(slots=True)
 class ForkState:
-    """One Anon's view of fork: its children's pins, or the fact that it is a child."""
+    """An Anon's view of fork: its children's pins, or the fact that it is a child."""
 
-    children: list[_Child] = field(default_factory=list)
+    children: list[Child] = field(default_factory=list)
     is_child: bool = False
-    lifelines: list[int] = field(default_factory=list)
-    """In a child: the write ends that tell each ancestor we are alive."""
-    pipe: tuple[int, int] | None = None
 
     def reap(self, counts: MapCounts) -> bool:
         """Drop the pins of children that are gone; True if any was."""
         gone = False
         for child in list(self.children):
-            try:
-                alive = os.read(child.lifeline, 1) != b""
-            except BlockingIOError:
-                alive = True
-            if alive:
+            if alive(child.lifeline):
                 continue
             os.close(child.lifeline)
             self.children.remove(child)
@@ -69,59 +77,58 @@ class ForkState:
         for child in self.children:
             os.close(child.lifeline)
         self.children.clear()
-        for fd in self.lifelines:
-            os.close(fd)
-        self.lifelines.clear()
 
 
-_live: weakref.WeakSet[Anon] = weakref.WeakSet()
-_held: list[Anon] = []
+def alive(lifeline: int) -> bool:
+    """False once every holder of the pipe's write end is gone (EOF)."""
+    try:
+        return os.read(lifeline, 1) != b""
+    except BlockingIOError:
+        return True
 
 
-def track(anon: Anon) -> None:
-    _live.add(anon)
+_live: weakref.WeakSet[Forkable] = weakref.WeakSet()
+_held: list[tuple[Forkable, tuple[int, int] | None]] = []
+_lifelines: list[int] = []
+"""In a child: the write ends that tell each ancestor's objects we are alive."""
 
 
-def untrack(anon: Anon) -> None:
-    _live.discard(anon)
+def track(obj: Forkable) -> None:
+    _live.add(obj)
+
+
+def untrack(obj: Forkable) -> None:
+    _live.discard(obj)
 
 
 def _before() -> None:
-    for anon in list(_live):
-        anon._lock.acquire()
-        _held.append(anon)
-        if not anon.closed:
-            anon._fork.pipe = os.pipe2(os.O_CLOEXEC)
+    for obj in list(_live):
+        obj._lock.acquire()
+        _held.append((obj, None if obj.closed else os.pipe2(os.O_CLOEXEC)))
 
 
 def _after_in_parent() -> None:
     while _held:
-        anon = _held.pop()
-        state = anon._fork
-        if state.pipe is not None:
-            read_end, write_end = state.pipe
-            state.pipe = None
-            os.close(write_end)
-            os.set_blocking(read_end, False)
-            state.children.append(_Child(read_end, anon._fork_parent()))
-        anon._lock.release()
+        obj, pipe = _held.pop()
+        try:
+            if pipe is not None:
+                os.close(pipe[1])
+                os.set_blocking(pipe[0], False)
+                obj._forked(pipe[0])
+        finally:
+            obj._lock.release()
 
 
 def _after_in_child() -> None:
     while _held:
-        anon = _held.pop()
-        state = anon._fork
-        if state.pipe is not None:
-            read_end, write_end = state.pipe
-            state.pipe = None
-            os.close(read_end)
-            for child in state.children:  # the parent's other children are not ours
-                os.close(child.lifeline)
-            state.children.clear()
-            state.lifelines.append(write_end)
-            state.is_child = True
-            anon._fork_child()
-        anon._lock.release()
+        obj, pipe = _held.pop()
+        try:
+            if pipe is not None:
+                os.close(pipe[0])
+                _lifelines.append(pipe[1])
+                obj._fork_child()
+        finally:
+            obj._lock.release()
 
 
 os.register_at_fork(
