@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from devanon import tour
+from devanon.broker.commands import add_commands as add_broker_commands
 from devanon.punch import punch_hole
 from devanon.sizes import format_size, parse_size
 
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     punch.add_argument("offset", type=_size, help="where the hole starts (e.g. 4K)")
     punch.add_argument("length", type=_size, help="how long it is (e.g. 2M)")
     punch.set_defaults(run=_punch)
+
+    add_broker_commands(commands)
 
     args = parser.parse_args(argv)
     try:

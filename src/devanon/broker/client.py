@@ -1,0 +1,364 @@
+"""The Python client of the broker: ``connect()``, ``Client.open()``, ``SharedAnon``.
+
+A SharedAnon maps the object's memfd in this process exactly as an ``Anon`` would (it is a
+``Mapper``), but keeps no counts of its own: it tells the daemon, which counts for every
+process. A map waits for the daemon's yes *before* the mmap, so no other client's unmap can
+free a page between; an unmap is sent after the munmap and not waited for (pipelined). The
+daemon's view of the object (counts, resident and freed bytes) is what ``map_count`` and
+``stats`` return.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+from devanon import forking
+from devanon.broker import protocol as wire
+from devanon.broker.server import default_socket_path
+from devanon.counts import PageRange
+from devanon.mapper import Mapper
+
+
+class BrokerError(ConnectionError):
+    """The daemon is not there, or went away."""
+
+
+@dataclass(slots=True, frozen=True)
+class SharedStats:
+    """An object's state over all clients, as the daemon counts it."""
+
+    name: str
+    size: int
+    page_size: int
+    mapped_bytes: int
+    resident_bytes: int
+    freed_bytes: int
+    punch_calls: int
+    count_runs: int
+    count_bytes: int
+    clients: list[dict[str, int]]
+    """One entry per client holding counts: pid, uid, mapped_bytes."""
+
+
+def _raise(code: int, message: str) -> None:
+    if code == errno.EINVAL:
+        raise ValueError(message)
+    raise OSError(code, message)  # FileNotFoundError, PermissionError, ... by errno
+
+
+class Client:
+    """One connection to the daemon. Thread-safe; a forked child reconnects on first use."""
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path or default_socket_path()
+        self._lock = threading.RLock()
+        self._seq = 0
+        self._late_errors: list[str] = []
+        self.generation = 0
+        """Bumped on every (re)connection: handles belong to one connection."""
+        self._sock = self._connect()
+        _clients.add(self)
+
+    def _connect(self) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            raise BrokerError(
+                e.errno, f"no devanon daemon at {self.path} ({e.strerror}): start `devanon serve`"
+            ) from None
+        self.generation += 1
+        self._pid = os.getpid()
+        return sock
+
+    def _after_fork_in_child(self) -> None:
+        """The socket is the parent's: drop our copy; the next call reconnects."""
+        self._sock.close()
+        self._pid = -1
+
+    # -- requests --------------------------------------------------------------------------
+
+    def call(
+        self, op: wire.Op, body: bytes = b"", fds: list[int] | None = None
+    ) -> tuple[bytes, list[int]]:
+        """Send a request and wait for its reply; returns the body and any descriptors."""
+        with self._lock:
+            seq = self._send(op, body, fds, 0)
+            while True:
+                try:
+                    data, rfds, _, _ = socket.recv_fds(self._sock, wire.MAX_MESSAGE, 4)
+                except OSError as e:
+                    raise self._gone(e.strerror) from None
+                if not data:
+                    raise self._gone("it closed the connection")
+                _, status, rseq = wire.REPLY.unpack_from(data)
+                if rseq != seq:  # an error for an earlier pipelined unmap
+                    self._late_errors.append(data[wire.REPLY.size + wire.ERROR.size :].decode())
+                    for fd in rfds:
+                        os.close(fd)
+                    continue
+                if status != wire.STATUS_OK:
+                    for fd in rfds:
+                        os.close(fd)
+                    (code,) = wire.ERROR.unpack_from(data, wire.REPLY.size)
+                    _raise(code, data[wire.REPLY.size + wire.ERROR.size :].decode())
+                if self._late_errors:
+                    late, self._late_errors = self._late_errors, []
+                    raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
+                return data[wire.REPLY.size :], rfds
+
+    def post(self, op: wire.Op, body: bytes, flags: int) -> None:
+        """Send a request without waiting (errors come back with a later call)."""
+        with self._lock:
+            self._send(op, body, None, flags)
+
+    def _send(self, op: wire.Op, body: bytes, fds: list[int] | None, flags: int) -> int:
+        if self._pid != os.getpid():
+            self._sock = self._connect()
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        message = wire.request(op, self._seq, body, flags)
+        try:
+            if fds:
+                socket.send_fds(self._sock, [message], fds)
+            else:
+                self._sock.send(message)
+        except OSError as e:
+            raise self._gone(e.strerror) from None
+        return self._seq
+
+    def _gone(self, why: str | None) -> BrokerError:
+        return BrokerError(errno.ECONNRESET, f"the devanon daemon at {self.path} is gone ({why})")
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def open(
+        self,
+        name: str,
+        size: int | None = None,
+        *,
+        create: bool = False,
+        mode: int = 0o600,
+        writable: bool = True,
+    ) -> SharedAnon:
+        """Open (or with ``create``, make) the object ``name``; returns a SharedAnon."""
+        raw = _name(name)
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
+            raise ValueError(f"size must be a positive int, not {size!r}")
+        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+            raise ValueError(f"mode must be within 0o000..0o777, not {mode!r}")
+        flags = (wire.OPEN_CREATE if create else 0) | (wire.OPEN_WRITABLE if writable else 0)
+        body, fds = self.call(wire.Op.OPEN, wire.OPEN.pack(size or 0, mode, flags) + raw)
+        handle, real_size, page_size, _uid, _gid, _mode = wire.OPENED.unpack(body)
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise OSError(errno.EPROTO, f"the daemon sent {len(fds)} descriptors for {name!r}")
+        return SharedAnon(self, name, handle, fds[0], real_size, page_size, writable)
+
+    def unlink(self, name: str) -> None:
+        """Remove the name; the object goes when its last user lets go (like a file)."""
+        self.call(wire.Op.UNLINK, _name(name))
+
+    def stat(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The objects this peer may see (or one), as the daemon counts them."""
+        body, _ = self.call(wire.Op.STAT, _name(name) if name else b"")
+        result: list[dict[str, Any]] = json.loads(body)
+        return result
+
+    def verify(self, name: str) -> list[dict[str, int]]:
+        """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences."""
+        body, _ = self.call(wire.Op.VERIFY, _name(name))
+        result: list[dict[str, int]] = json.loads(body)
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._sock.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _name(name: object) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"an object name is a str, not {name!r}")
+    raw = name.encode()
+    if not 0 < len(raw) <= wire.MAX_NAME or "/" in name or "\0" in name:
+        raise ValueError(f"an object name is 1..255 bytes with no '/' or NUL, not {name!r}")
+    return raw
+
+
+_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+_shared: dict[tuple[int, str], Client] = {}
+
+
+def connect(path: str | None = None) -> Client:
+    """Connect to the daemon at ``path`` (default: $DEVANON_SOCKET, /run/devanon/...)."""
+    return Client(path)
+
+
+def shared_client(path: str) -> Client:
+    """This process's one client for ``path`` (used when objects are unpickled)."""
+    key = (os.getpid(), path)
+    if key not in _shared:
+        _shared[key] = Client(path)
+    return _shared[key]
+
+
+def _reopen(path: str, name: str, writable: bool) -> SharedAnon:
+    return shared_client(path).open(name, writable=writable)
+
+
+def _after_fork_in_child() -> None:
+    for client in list(_clients):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class SharedAnon(Mapper):
+    """A named object served by the daemon, mapped in this process; the methods of Anon.
+
+    ``map_count``, ``resident_bytes`` and ``stats`` tell the object's state over all
+    clients. Pickles by name: a worker process that unpickles it opens the same object.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        name: str,
+        handle: int,
+        fd: int,
+        size: int,
+        page_size: int,
+        writable: bool,
+    ) -> None:
+        self.client = client
+        self.name = name
+        self.fd = fd
+        self.size = size
+        self.page_size = page_size
+        self.hugepages = False
+        self._writable_fd = writable
+        self._handle = handle
+        self._generation = client.generation
+        self._init_books()
+        forking.track(self)
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def map_count(self, offset: int) -> int:
+        """How many times, over all clients, the page holding ``offset`` is mapped."""
+        if not isinstance(offset, int) or isinstance(offset, bool):
+            raise TypeError(f"offset must be an int, not {offset!r}")
+        with self._lock:
+            self._check_open()
+            self._before_op()
+            body, _ = self.client.call(wire.Op.COUNT, wire.COUNT.pack(self._handle, offset))
+            (count,) = wire.U64.unpack(body)
+            return int(count)
+
+    def resident_bytes(self) -> int:
+        """What the kernel holds for the object's memfd (``st_blocks``)."""
+        with self._lock:
+            self._check_open()
+            return os.fstat(self.fd).st_blocks * 512
+
+    def stats(self) -> SharedStats:
+        """The object's figures as the daemon keeps them, over all clients."""
+        with self._lock:
+            self._check_open()
+            self._before_op()
+            (info,) = self.client.stat(self.name)
+            return SharedStats(
+                **{k: info[k] for k in SharedStats.__dataclass_fields__ if k != "clients"},
+                clients=info["clients"],
+            )
+
+    def close(self) -> None:
+        """Unmap everything, tell the daemon we let go, close the descriptor."""
+        with self._lock:
+            if self.closed:
+                return
+            try:
+                self._unmap_all()
+                if self._generation == self.client.generation:
+                    self.client.call(wire.Op.CLOSE, wire.HANDLE.pack(self._handle))
+            finally:
+                os.close(self.fd)
+                self.fd = -1
+                forking.untrack(self)
+
+    def __enter__(self) -> SharedAnon:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_reopen, (self.client.path, self.name, self._writable_fd))
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"fd {self.fd}"
+        return f"<devanon.SharedAnon {self.name!r} {self.size:#x} bytes, {state}>"
+
+    # -- Mapper's hooks: the daemon keeps the counts --------------------------------------
+
+    def _byte_ranges(self, ranges: list[PageRange]) -> list[tuple[int, int]]:
+        ps = self.page_size
+        return [(a * ps, (b - a) * ps) for a, b in ranges]
+
+    def _gain(self, ranges: list[PageRange]) -> None:
+        if ranges:
+            body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
+            self.client.call(wire.Op.MAP, body)
+
+    def _lose(self, ranges: list[PageRange]) -> None:
+        if ranges and self._generation == self.client.generation:
+            body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
+            self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+
+    def _before_op(self) -> None:
+        if self._generation != self.client.generation or self.client._pid != os.getpid():
+            self._reopen_here()
+
+    def _reopen_here(self) -> None:
+        """In a forked child: open the object again on this process's own connection."""
+        fresh = self.client.open(self.name, writable=self._writable_fd)
+        os.close(self.fd)
+        self.fd, fresh.fd = fresh.fd, -1
+        self._handle = fresh._handle
+        self._generation = self.client.generation
+        forking.untrack(fresh)
+
+    # -- fork ------------------------------------------------------------------------------
+
+    def _forked(self, lifeline: int) -> None:
+        """In the parent: the daemon pins the child's inherited pages until it is gone."""
+        try:
+            pins = self._inherited_pages()
+            if pins:
+                body = wire.pack_ranges(self._handle, self._byte_ranges(pins))
+                self.client.call(wire.Op.PIN, body, [lifeline])
+        finally:
+            os.close(lifeline)
+
+    def _fork_child(self) -> None:
+        """In the child: inherited pieces are the pin's (uncounted here); the rest is gone."""
+        self._drop_uninherited()
+        for seg in self._segments:
+            seg.counted = False

@@ -1,0 +1,98 @@
+"""``devanon serve`` and ``devanon stat``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from devanon.broker.client import connect
+from devanon.broker.server import Daemon, default_socket_path
+from devanon.sizes import format_size
+
+
+def add_commands(commands: Any) -> None:
+    """Add the broker's subcommands to the ``devanon`` parser."""
+    serve = commands.add_parser("serve", help="run the daemon that shares named objects")
+    serve.add_argument("--socket", help=f"socket path (default now: {default_socket_path()})")
+    serve.add_argument(
+        "--socket-mode",
+        type=lambda s: int(s, 8),
+        default=0o600,
+        help="socket permissions, octal (0600: the owner alone)",
+    )
+    serve.add_argument("--socket-group", help="group to own the socket")
+    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1")
+    serve.add_argument("--metrics-textfile", help="write Prometheus metrics to this file")
+    serve.set_defaults(run=_serve)
+
+    stat = commands.add_parser("stat", help="show the daemon's objects")
+    stat.add_argument("name", nargs="?", help="one object (default: all you may see)")
+    stat.add_argument("--socket", help="socket path")
+    stat.add_argument("--json", action="store_true", help="print JSON")
+    stat.add_argument(
+        "--verify", action="store_true", help="check the counts against the clients' /proc/PID/maps"
+    )
+    stat.set_defaults(run=_stat)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="devanon serve: %(message)s")
+    path = args.socket or default_socket_path()
+    daemon = Daemon(path, socket_mode=args.socket_mode, socket_group=args.socket_group)
+    daemon.install_signal_handlers()
+    if args.metrics_port is not None or args.metrics_textfile is not None:
+        from devanon.broker.metrics import export
+
+        export(daemon, port=args.metrics_port, textfile=args.metrics_textfile)
+    print(f"devanon serve: listening on {path} (mode {args.socket_mode:04o})", flush=True)
+    daemon.serve_forever()
+    print("devanon serve: stopped", flush=True)
+    return 0
+
+
+def _stat(args: argparse.Namespace) -> int:
+    with connect(args.socket) as client:
+        objects = client.stat(args.name)
+        if args.verify:
+            for obj in objects:
+                obj["differences"] = client.verify(obj["name"])
+    if args.json:
+        print(json.dumps(objects, indent=2))
+    else:
+        table = Table(title=f"devanon objects ({len(objects)})")
+        for column in ("name", "size", "mapped", "resident", "freed", "clients", "mode"):
+            table.add_column(column)
+        if args.verify:
+            table.add_column("verify")
+        for obj in objects:
+            row = [
+                obj["name"],
+                *(
+                    format_size(obj[k])
+                    for k in ("size", "mapped_bytes", "resident_bytes", "freed_bytes")
+                ),
+            ]
+            row += [
+                ", ".join(f"{c['pid']}: {format_size(c['mapped_bytes'])}" for c in obj["clients"])
+                or "-",
+                obj["mode"],
+            ]
+            if args.verify:
+                row.append(
+                    "ok" if not obj["differences"] else f"{len(obj['differences'])} differences"
+                )
+            table.add_row(*row)
+        Console().print(table)
+    bad = [obj for obj in objects if obj.get("differences")]
+    if bad:
+        print(
+            f"devanon stat: counts differ from the kernel's for {len(bad)} object(s)",
+            file=sys.stderr,
+        )
+    return 1 if bad else 0

@@ -1,0 +1,72 @@
+"""The daemon's figures in Prometheus format (prometheus-client): a port or a textfile."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from devanon.broker.server import Daemon
+
+_GAUGES = {
+    "size": ("devanon_object_size_bytes", "Size of the object"),
+    "mapped_bytes": ("devanon_object_mapped_bytes", "Bytes mapped by at least one client"),
+    "resident_bytes": ("devanon_object_resident_bytes", "Bytes the kernel holds (st_blocks)"),
+    "clients": ("devanon_object_clients", "Clients holding counts of the object"),
+    "count_runs": ("devanon_object_count_runs", "Runs the map counts take"),
+}
+_COUNTERS = {
+    "freed_bytes": ("devanon_object_freed_bytes", "Bytes punched since creation"),
+    "punch_calls": ("devanon_object_punch_calls", "fallocate calls made"),
+}
+
+
+class DaemonCollector(Collector):
+    """Reads the daemon's objects at each scrape."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        objects = self.daemon.snapshot()
+        families: list[GaugeMetricFamily | CounterMetricFamily] = []
+        for key, (metric, help_text) in _GAUGES.items():
+            family = GaugeMetricFamily(metric, help_text, labels=["name"])
+            for obj in objects:
+                family.add_metric([str(obj["name"])], float(obj[key]))  # type: ignore[arg-type]
+            families.append(family)
+        for key, (metric, help_text) in _COUNTERS.items():
+            counter = CounterMetricFamily(metric, help_text, labels=["name"])
+            for obj in objects:
+                counter.add_metric([str(obj["name"])], float(obj[key]))  # type: ignore[arg-type]
+            families.append(counter)
+        yield from families
+
+
+def export(
+    daemon: Daemon,
+    *,
+    port: int | None = None,
+    textfile: str | None = None,
+    interval: float = 5.0,
+) -> threading.Event:
+    """Serve metrics on 127.0.0.1:``port`` and/or rewrite ``textfile`` every ``interval``
+    seconds; returns an event that stops the textfile writer."""
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(daemon))
+    if port is not None:
+        start_http_server(port, addr="127.0.0.1", registry=registry)
+    stop = threading.Event()
+    if textfile is not None:
+
+        def write() -> None:
+            while True:
+                write_to_textfile(textfile, registry)
+                if stop.wait(interval):
+                    return
+
+        threading.Thread(target=write, name="devanon-metrics", daemon=True).start()
+    return stop

@@ -1,0 +1,213 @@
+"""A named shared object in the daemon: one memfd, its counts per client, owner and mode.
+
+The total count of a page is the sum over every client (and every pinned forked child) of
+the times it maps the page: the RFC's device, whose count summed over all the processes that
+mapped it. A page whose total falls to zero is punched at once.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+from dataclasses import dataclass, field
+
+from devanon.counts import MapCounts, PageRange
+from devanon.mapper import PAGE_SIZE
+from devanon.punch import punch_range
+
+READ = 4
+WRITE = 2
+
+
+@dataclass(slots=True)
+class Pin:
+    """Counts held for a forked child until its lifeline (a pipe read end) reads EOF."""
+
+    lifeline: int
+    ranges: list[PageRange]
+
+
+@dataclass(eq=False)
+class SharedObject:
+    """One named object: a sealed memfd, who owns it, and who maps which page how often."""
+
+    name: str
+    size: int
+    uid: int
+    gid: int
+    mode: int
+    fd: int = -1
+    page_size: int = PAGE_SIZE
+    counts: MapCounts = field(init=False)
+    holders: dict[int, MapCounts] = field(default_factory=dict)
+    """Client id -> what that client maps."""
+    handles: dict[int, int] = field(default_factory=dict)
+    """Client id -> how many handles it has open."""
+    pins: list[Pin] = field(default_factory=list)
+    unlinked: bool = False
+    freed_bytes: int = 0
+    punch_calls: int = 0
+
+    def __post_init__(self) -> None:
+        self.counts = MapCounts(self.size // self.page_size)
+        if self.fd < 0:
+            fd = os.memfd_create(f"devanon:{self.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.ftruncate(fd, self.size)
+                fcntl.fcntl(
+                    fd,
+                    fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL,
+                )
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fd = fd
+
+    # -- permissions ---------------------------------------------------------------------
+
+    def allows(self, uid: int, gids: set[int], want: int) -> bool:
+        """Like a file: owner, group or other bits of ``mode``; root passes."""
+        if uid == 0:
+            return True
+        if uid == self.uid:
+            bits = self.mode >> 6
+        elif self.gid in gids:
+            bits = self.mode >> 3
+        else:
+            bits = self.mode
+        return bits & want == want
+
+    def descriptor(self, writable: bool) -> int:
+        """A new descriptor for a client: read-only unless ``writable``, so the kernel
+        enforces it (a read-only descriptor cannot be mapped shared and writable)."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
+        return os.open(f"/proc/self/fd/{self.fd}", flags)
+
+    # -- counts ----------------------------------------------------------------------------
+
+    def pages(self, ranges: list[tuple[int, int]]) -> list[PageRange]:
+        """Byte ranges as page ranges; ValueError naming a bad one."""
+        ps = self.page_size
+        out = []
+        for offset, length in ranges:
+            if length <= 0 or offset % ps or length % ps or offset + length > self.size:
+                raise ValueError(
+                    f"range [{offset:#x}, +{length:#x}) is not page-aligned within "
+                    f"{self.name!r} (size {self.size:#x})"
+                )
+            out.append((offset // ps, (offset + length) // ps))
+        return out
+
+    def map(self, client: int, ranges: list[PageRange]) -> None:
+        holder = self.holders.setdefault(client, MapCounts(self.counts.npages))
+        for first, last in ranges:
+            holder.add(first, last)
+            self.counts.add(first, last)
+
+    def unmap(self, client: int, ranges: list[PageRange]) -> None:
+        """Drop ``client``'s counts; ValueError (changing nothing) if it does not hold them."""
+        holder = self.holders.get(client)
+        if holder is None:
+            raise ValueError(f"this client maps nothing of {self.name!r}")
+        done: list[PageRange] = []
+        try:
+            for first, last in ranges:
+                holder.remove(first, last)
+                done.append((first, last))
+        except ValueError as e:
+            for first, last in done:
+                holder.add(first, last)
+            raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
+        zeros: list[PageRange] = []
+        for first, last in ranges:
+            zeros += self.counts.remove(first, last)
+        self.punch(zeros)
+
+    def mapped_by(self, client: int) -> int:
+        """Bytes ``client`` maps at least once."""
+        holder = self.holders.get(client)
+        return 0 if holder is None else holder.mapped_pages() * self.page_size
+
+    def drop(self, client: int) -> None:
+        """A client is gone (or closed its handles): every count it held goes."""
+        holder = self.holders.pop(client, None)
+        if holder is None:
+            return
+        zeros: list[PageRange] = []
+        for first, last, n in holder.runs():
+            if n:
+                zeros += self.counts.remove(first, last, n)
+        self.punch(zeros)
+
+    def pin(self, lifeline: int, ranges: list[PageRange]) -> None:
+        for first, last in ranges:
+            self.counts.add(first, last)
+        self.pins.append(Pin(lifeline, ranges))
+
+    def unpin(self, lifeline: int) -> None:
+        """A forked child is gone (its lifeline read EOF): drop its pin."""
+        for pin in self.pins:
+            if pin.lifeline == lifeline:
+                self.pins.remove(pin)
+                os.close(lifeline)
+                zeros: list[PageRange] = []
+                for first, last in pin.ranges:
+                    zeros += self.counts.remove(first, last)
+                self.punch(zeros)
+                return
+
+    def punch(self, zeros: list[PageRange]) -> None:
+        ps = self.page_size
+        zeros.sort()
+        for first, last in zeros:
+            self.punch_calls += punch_range(
+                self.fd, first * ps, (last - first) * ps, name=self.name
+            )
+            self.freed_bytes += (last - first) * ps
+
+    # -- life ------------------------------------------------------------------------------
+
+    @property
+    def in_use(self) -> bool:
+        return bool(self.handles) or bool(self.holders) or bool(self.pins)
+
+    def close(self) -> None:
+        for pin in self.pins:
+            os.close(pin.lifeline)
+        self.pins.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def resident_bytes(self) -> int:
+        return os.fstat(self.fd).st_blocks * 512
+
+    def identity(self) -> tuple[int, int]:
+        """``(st_dev, st_ino)`` of the memfd, as clients' /proc/PID/maps will show it."""
+        st = os.fstat(self.fd)
+        return st.st_dev, st.st_ino
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "page_size": self.page_size,
+            "owner_uid": self.uid,
+            "owner_gid": self.gid,
+            "mode": f"{stat.S_IMODE(self.mode):04o}",
+            "mapped_bytes": self.counts.mapped_pages() * self.page_size,
+            "resident_bytes": self.resident_bytes(),
+            "freed_bytes": self.freed_bytes,
+            "punch_calls": self.punch_calls,
+            "count_runs": self.counts.nruns(),
+            "count_bytes": self.counts.nbytes(),
+            "unlinked": self.unlinked,
+            "pinned_children": len(self.pins),
+        }
+
+
+def no_such(name: str) -> OSError:
+    return FileNotFoundError(errno.ENOENT, f"no object named {name!r}")

@@ -1,0 +1,478 @@
+"""The daemon: named shared objects, counted per client, cleaned up when a client dies.
+
+One thread, one ``selectors`` loop over SOCK_SEQPACKET connections: a message is a request,
+so there is no framing to get wrong, and a request is handled to the end before the next
+(the counts need no locks of their own; ``state_lock`` only keeps the metrics thread out).
+A client is identified by SO_PEERCRED; it is gone when its socket closes or when its
+``pidfd`` says the process exited (a forked copy of the socket cannot keep it alive).
+
+Never trust the wire: a request that does not parse gets an EPROTO reply and changes
+nothing; a client that keeps sending garbage, or stops reading replies, is cut off, and the
+others go on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from devanon.broker import protocol as wire
+from devanon.broker.objects import READ, WRITE, SharedObject, no_such
+from devanon.broker.verify import add_maps_of
+from devanon.counts import MapCounts
+
+log = logging.getLogger("devanon.broker")
+
+MAX_ERRORS = 16
+"""Protocol errors a client may make before it is cut off."""
+MAX_SIZE = 1 << 46
+"""The largest object (64 TiB): counts are sparse, but the memfd's size is a promise."""
+
+
+class DaemonRunning(OSError):
+    """Another daemon answers on the socket."""
+
+
+@dataclass(eq=False)
+class Peer:
+    """One connected client."""
+
+    id: int
+    sock: socket.socket
+    pid: int
+    uid: int
+    gid: int
+    gids: set[int]
+    pidfd: int
+    handles: dict[int, SharedObject] = field(default_factory=dict)
+    next_handle: int = 1
+    errors: int = 0
+
+
+def peer_groups(pid: int, gid: int) -> set[int]:
+    """The primary and supplementary groups of a process (SO_PEERCRED has only the first)."""
+    groups = {gid}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    groups.update(int(g) for g in line.split()[1:])
+    except OSError:
+        pass
+    return groups
+
+
+def default_socket_path() -> str:
+    """$DEVANON_SOCKET, else /run/devanon/devanon.sock as root, else under XDG_RUNTIME_DIR."""
+    if os.environ.get("DEVANON_SOCKET"):
+        return os.environ["DEVANON_SOCKET"]
+    if os.geteuid() == 0:
+        return "/run/devanon/devanon.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/devanon-{os.geteuid()}"
+    return os.path.join(runtime, "devanon.sock")
+
+
+class Daemon:
+    """Serves named objects on a Unix socket until ``stop()`` or SIGTERM/SIGINT."""
+
+    def __init__(
+        self, path: str, *, socket_mode: int = 0o600, socket_group: str | None = None
+    ) -> None:
+        self.path = path
+        self.objects: dict[str, SharedObject] = {}
+        self.unlinked: set[SharedObject] = set()
+        self.peers: dict[int, Peer] = {}
+        self.state_lock = threading.Lock()
+        self._next_peer = 1
+        self._stop = False
+        self._sel = selectors.DefaultSelector()
+        self._listener = self._listen(path, socket_mode, socket_group)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel.register(self._listener, selectors.EVENT_READ, ("accept", None))
+        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._handlers: dict[wire.Op, Callable[[Peer, wire.Request, list[int]], Reply]] = {
+            wire.Op.OPEN: self._open,
+            wire.Op.MAP: self._map,
+            wire.Op.UNMAP: self._unmap,
+            wire.Op.CLOSE: self._close,
+            wire.Op.UNLINK: self._unlink,
+            wire.Op.STAT: self._stat,
+            wire.Op.VERIFY: self._verify,
+            wire.Op.PIN: self._pin,
+            wire.Op.COUNT: self._count,
+        }
+
+    # -- life ------------------------------------------------------------------------------
+
+    @staticmethod
+    def _listen(path: str, mode: int, group: str | None) -> socket.socket:
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: nobody answers
+            else:
+                raise DaemonRunning(errno.EADDRINUSE, f"a devanon daemon already serves {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old_umask)
+        if group is not None:
+            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        os.chmod(path, mode)
+        sock.listen(128)
+        sock.setblocking(False)
+        return sock
+
+    def install_signal_handlers(self) -> None:
+        """SIGTERM and SIGINT stop the loop cleanly (main thread only)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self._stop = True
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"x")
+
+    def serve_forever(self) -> None:
+        try:
+            while not self._stop:
+                for key, events in self._sel.select(timeout=1.0):
+                    kind, peer = key.data
+                    with self.state_lock:
+                        self._dispatch(kind, peer, key, events)
+                if self._stop:
+                    break
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        for peer in list(self.peers.values()):
+            self._disconnect(peer)
+        for obj in [*self.objects.values(), *self.unlinked]:
+            obj.close()
+        self.objects.clear()
+        self.unlinked.clear()
+        self._sel.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    # -- events ----------------------------------------------------------------------------
+
+    def _dispatch(
+        self,
+        kind: str,
+        peer: Peer | SharedObject | None,
+        key: selectors.SelectorKey,
+        events: int,
+    ) -> None:
+        if kind == "accept":
+            self._accept()
+        elif kind == "wake":
+            self._wake_r.recv(64)
+        elif kind == "client" and isinstance(peer, Peer):
+            self._receive(peer)
+        elif kind == "pidfd" and isinstance(peer, Peer):
+            self._disconnect(peer)
+        elif kind == "pin" and isinstance(peer, SharedObject):  # a forked child is gone
+            self._sel.unregister(key.fileobj)
+            peer.unpin(key.fd)
+            self._forget_unused()
+
+    def _accept(self) -> None:
+        try:
+            sock, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        sock.setblocking(False)
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, gid = struct.unpack("3i", creds)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            sock.close()  # gone already
+            return
+        peer = Peer(self._next_peer, sock, pid, uid, gid, peer_groups(pid, gid), pidfd)
+        self._next_peer += 1
+        self.peers[peer.id] = peer
+        self._sel.register(sock, selectors.EVENT_READ, ("client", peer))
+        self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", peer))
+        log.info("client %d: pid %d uid %d", peer.id, pid, uid)
+
+    def _receive(self, peer: Peer) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(peer.sock, wire.MAX_MESSAGE, 4)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._disconnect(peer)
+            return
+        if not data and not fds:
+            self._disconnect(peer)
+            return
+        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+            for fd in fds:
+                os.close(fd)
+            self._protocol_error(peer, 0, 0, f"message over {wire.MAX_MESSAGE} bytes")
+            return
+        try:
+            req = wire.parse_request(data)
+        except wire.ProtocolError as e:
+            for fd in fds:
+                os.close(fd)
+            self._protocol_error(peer, data[0] if data else 0, 0, str(e))
+            return
+        self._handle(peer, req, fds)
+
+    def _handle(self, peer: Peer, req: wire.Request, fds: list[int]) -> None:
+        err: tuple[int, str] | None = None
+        reply = Reply()
+        try:
+            reply = self._handlers[req.op](peer, req, fds)
+        except (wire.ProtocolError, struct.error, UnicodeDecodeError) as e:
+            err = (errno.EPROTO, str(e))
+            peer.errors += 1
+        except PermissionError as e:
+            err = (errno.EACCES, str(e))
+        except OSError as e:
+            err = (e.errno or errno.EIO, e.strerror or str(e))
+        except ValueError as e:
+            err = (errno.EINVAL, str(e))
+        except Exception as e:  # a bug must not take the daemon (and everyone's counts) down
+            log.exception("request %s from client %d failed", req.op.name, peer.id)
+            err = (errno.EIO, f"internal error: {e}")
+        finally:
+            for fd in fds:
+                if fd not in reply.kept:
+                    os.close(fd)
+        if err is not None:
+            self._send(peer, wire.error(req.op, req.seq, *err))
+            if peer.errors > MAX_ERRORS:
+                self._disconnect(peer)
+        elif not (req.op == wire.Op.UNMAP and req.flags & wire.FLAG_NOREPLY):
+            self._send(peer, wire.ok(req.op, req.seq, reply.body), reply.fds)
+        for fd in reply.fds:
+            os.close(fd)
+
+    def _protocol_error(self, peer: Peer, op: int, seq: int, message: str) -> None:
+        peer.errors += 1
+        self._send(peer, wire.error(op, seq, errno.EPROTO, message))
+        if peer.errors > MAX_ERRORS and peer.id in self.peers:
+            log.warning("client %d (pid %d) cut off: %s", peer.id, peer.pid, message)
+            self._disconnect(peer)
+
+    def _send(self, peer: Peer, data: bytes, fds: list[int] | None = None) -> None:
+        if peer.id not in self.peers:
+            return
+        try:
+            if fds:
+                socket.send_fds(peer.sock, [data], fds)
+            else:
+                peer.sock.send(data)
+        except OSError:  # gone, or not reading its replies (EAGAIN): cut off, never wait
+            self._disconnect(peer)
+
+    def _disconnect(self, peer: Peer) -> None:
+        if self.peers.pop(peer.id, None) is None:
+            return
+        for obj in self._all_objects():
+            obj.drop(peer.id)
+            obj.handles.pop(peer.id, None)
+        peer.handles.clear()
+        self._sel.unregister(peer.sock)
+        self._sel.unregister(peer.pidfd)
+        peer.sock.close()
+        os.close(peer.pidfd)
+        self._forget_unused()
+        log.info("client %d (pid %d) gone; its counts dropped", peer.id, peer.pid)
+
+    def _all_objects(self) -> list[SharedObject]:
+        return [*self.objects.values(), *self.unlinked]
+
+    def _forget_unused(self) -> None:
+        for obj in [o for o in self.unlinked if not o.in_use]:
+            self.unlinked.discard(obj)
+            obj.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def _object(self, peer: Peer, handle: int) -> SharedObject:
+        obj = peer.handles.get(handle)
+        if obj is None:
+            raise ValueError(f"no open handle {handle}")
+        return obj
+
+    def _open(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        size, mode, flags = wire.OPEN.unpack_from(req.body)
+        name = wire.name_of(req.body[wire.OPEN.size :])
+        writable = bool(flags & wire.OPEN_WRITABLE)
+        obj = self.objects.get(name)
+        if obj is None:
+            if not flags & wire.OPEN_CREATE:
+                raise no_such(name)
+            if not 0 < size <= MAX_SIZE or size % os.sysconf("SC_PAGE_SIZE"):
+                raise ValueError(
+                    f"size {size} of a new object {name!r} is not a positive "
+                    "multiple of the page size up to 64 TiB"
+                )
+            if mode & ~0o777:
+                raise ValueError(f"mode {mode:#o} has bits beyond 0o777")
+            obj = SharedObject(name, size, peer.uid, peer.gid, mode)
+            self.objects[name] = obj
+            log.info("client %d created %r (%d bytes, mode %04o)", peer.id, name, size, mode)
+        elif size and size != obj.size:
+            raise ValueError(f"{name!r} exists with size {obj.size}, not {size}")
+        want = READ | (WRITE if writable else 0)
+        if not obj.allows(peer.uid, peer.gids, want):
+            right = "write" if obj.allows(peer.uid, peer.gids, READ) else "read"
+            raise PermissionError(
+                errno.EACCES,
+                f"uid {peer.uid} may not {right} {name!r} (mode {obj.mode:04o}, "
+                f"owner uid {obj.uid})",
+            )
+        handle = peer.next_handle
+        peer.next_handle += 1
+        peer.handles[handle] = obj
+        obj.handles[peer.id] = obj.handles.get(peer.id, 0) + 1
+        body = wire.OPENED.pack(handle, obj.size, obj.page_size, obj.uid, obj.gid, obj.mode)
+        return Reply(body, [obj.descriptor(writable)])
+
+    def _map(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        handle, ranges = wire.unpack_ranges(req.body)
+        obj = self._object(peer, handle)
+        obj.map(peer.id, obj.pages(ranges))
+        return Reply()
+
+    def _unmap(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        handle, ranges = wire.unpack_ranges(req.body)
+        obj = self._object(peer, handle)
+        obj.unmap(peer.id, obj.pages(ranges))
+        return Reply()
+
+    def _close(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        (handle,) = wire.HANDLE.unpack(req.body)
+        obj = self._object(peer, handle)
+        del peer.handles[handle]
+        left = obj.handles.get(peer.id, 1) - 1
+        if left:
+            obj.handles[peer.id] = left
+        else:
+            obj.handles.pop(peer.id, None)
+            obj.drop(peer.id)
+        self._forget_unused()
+        return Reply()
+
+    def _unlink(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        name = wire.name_of(req.body)
+        obj = self.objects.get(name)
+        if obj is None or not obj.allows(peer.uid, peer.gids, READ):
+            raise no_such(name)
+        if peer.uid not in (0, obj.uid):
+            raise PermissionError(
+                errno.EPERM, f"only the owner (uid {obj.uid}) or root may unlink {name!r}"
+            )
+        del self.objects[name]
+        obj.unlinked = True
+        self.unlinked.add(obj)
+        self._forget_unused()
+        return Reply()
+
+    def _stat(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        name = wire.name_of(req.body) if req.body else None
+        if name is not None and (
+            name not in self.objects or not self.objects[name].allows(peer.uid, peer.gids, READ)
+        ):
+            raise no_such(name)
+        shown = [self.objects[name]] if name else list(self.objects.values())
+        out = []
+        for obj in shown:
+            if not obj.allows(peer.uid, peer.gids, READ):
+                continue  # a peer sees only what it may read
+            info = obj.describe()
+            info["clients"] = [
+                {
+                    "pid": self.peers[cid].pid,
+                    "uid": self.peers[cid].uid,
+                    "mapped_bytes": obj.mapped_by(cid),
+                }
+                for cid in sorted(set(obj.handles) | set(obj.holders))
+                if cid in self.peers
+            ]
+            out.append(info)
+        return Reply(json.dumps(out).encode())
+
+    def _verify(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        name = wire.name_of(req.body)
+        obj = self.objects.get(name)
+        if obj is None or not obj.allows(peer.uid, peer.gids, READ):
+            raise no_such(name)
+        kernel = MapCounts(obj.counts.npages)
+        dev, ino = obj.identity()
+        for cid in obj.holders:
+            if cid in self.peers:
+                add_maps_of(self.peers[cid].pid, dev, ino, obj.page_size, kernel)
+        for pin in obj.pins:  # forked children: counted, but not clients we can read
+            for first, last in pin.ranges:
+                kernel.add(first, last)
+        diffs = [
+            {"first_page": a, "stop_page": b, "daemon_count": ours, "kernel_count": theirs}
+            for a, b, ours, theirs in obj.counts.diff(kernel)
+        ]
+        return Reply(json.dumps(diffs).encode())
+
+    def _pin(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        handle, ranges = wire.unpack_ranges(req.body)
+        obj = self._object(peer, handle)
+        if len(fds) != 1:
+            raise wire.ProtocolError(f"PIN carries one lifeline descriptor, not {len(fds)}")
+        pages = obj.pages(ranges)
+        lifeline = fds[0]
+        os.set_blocking(lifeline, False)
+        obj.pin(lifeline, pages)
+        self._sel.register(lifeline, selectors.EVENT_READ, ("pin", obj))
+        return Reply(kept=[lifeline])
+
+    def _count(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        handle, offset = wire.COUNT.unpack(req.body)
+        obj = self._object(peer, handle)
+        if not 0 <= offset < obj.size:
+            raise ValueError(f"offset {offset:#x} is outside {obj.name!r} (size {obj.size:#x})")
+        return Reply(wire.U64.pack(obj.counts.count(offset // obj.page_size)))
+
+    # -- for metrics -----------------------------------------------------------------------
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """Every object's figures, as stat shows root (taken under ``state_lock``)."""
+        with self.state_lock:
+            return [{**obj.describe(), "clients": len(obj.holders)} for obj in self._all_objects()]
+
+
+@dataclass(slots=True)
+class Reply:
+    body: bytes = b""
+    fds: list[int] = field(default_factory=list)
+    """Descriptors to send (closed after sending)."""
+    kept: list[int] = field(default_factory=list)
+    """Received descriptors the handler keeps (the others are closed)."""

@@ -1,0 +1,33 @@
+"""The kernel's truth about who maps an object: clients' /proc/PID/maps."""
+
+from __future__ import annotations
+
+import os
+
+from devanon.counts import MapCounts
+
+
+def add_maps_of(pid: int, dev: int, ino: int, page_size: int, into: MapCounts) -> None:
+    """Add every page of the file ``(dev, ino)`` that ``pid`` maps to ``into``.
+
+    A VMA never shows one file page twice, so "VMAs covering the page" is "times mapped".
+    A process that is gone adds nothing.
+    """
+    major, minor = os.major(dev), os.minor(dev)
+    try:
+        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as f:
+            lines = f.readlines()
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) < 5 or int(fields[4]) != ino:
+            continue
+        dev_major, dev_minor = (int(x, 16) for x in fields[3].split(":"))
+        if (dev_major, dev_minor) != (major, minor):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        first = int(fields[2], 16) // page_size
+        last = min(first + (end - start) // page_size, into.npages)
+        if first < last:
+            into.add(first, last)
