@@ -273,10 +273,19 @@ class SharedAnon(Mapper):
             return int(count)
 
     def resident_bytes(self) -> int:
-        """What the kernel holds for the object's memfd (``st_blocks``)."""
+        """What the kernel holds for the object's memfd (``st_blocks``), once every unmap
+        sent so far has been done."""
         with self._lock:
             self._check_open()
+            self.flush()
             return os.fstat(self.fd).st_blocks * 512
+
+    def flush(self) -> None:
+        """Wait until the daemon has done every unmap sent so far (they are pipelined)."""
+        with self._lock:
+            self._check_open()
+            self._before_op()
+            self.client.call(wire.Op.SYNC)
 
     def stats(self) -> SharedStats:
         """The object's figures as the daemon keeps them, over all clients."""

@@ -52,6 +52,8 @@ class Op(enum.IntEnum):
     VERIFY = 7
     PIN = 8
     COUNT = 9
+    SYNC = 10
+    """A barrier: its reply comes after every earlier request was done."""
 
 
 class ProtocolError(ValueError):

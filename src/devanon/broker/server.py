@@ -113,6 +113,7 @@ class Daemon:
             wire.Op.VERIFY: self._verify,
             wire.Op.PIN: self._pin,
             wire.Op.COUNT: self._count,
+            wire.Op.SYNC: lambda peer, req, fds: Reply(),
         }
 
     # -- life ------------------------------------------------------------------------------

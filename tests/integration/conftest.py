@@ -1,0 +1,83 @@
+"""A real daemon (`devanon serve` in its own process) for each test, stopped afterwards."""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+
+@dataclass
+class Served:
+    """A running daemon: its socket and process."""
+
+    socket: str
+    process: subprocess.Popen[str]
+
+    def stop(self) -> int:
+        """SIGTERM; returns the exit code (the test fails if it hangs)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=10)
+
+
+def start_daemon(socket: str, *extra: str) -> Served:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devanon.cli", "serve", "--socket", socket, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            if "listening on" in line:
+                os.set_blocking(process.stdout.fileno(), False)
+                return Served(socket, process)
+            if not line and process.poll() is not None:
+                break
+    process.kill()
+    raise RuntimeError(f"devanon serve did not start: {process.stdout.read()}")
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory any uid can reach (the other-uid tests connect from 'nobody')."""
+    path = Path(tempfile.mkdtemp(prefix="devanon-broker-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def daemon(socket_dir: Path) -> Iterator[Served]:
+    served = start_daemon(str(socket_dir / "dv.sock"), "--socket-mode", "0666")
+    try:
+        yield served
+    finally:
+        assert served.stop() == 0
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll ``check`` until it holds (the daemon handles a death asynchronously)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.01)
+    return check()

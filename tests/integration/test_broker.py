@@ -1,0 +1,529 @@
+"""The broker with real processes: sharing, crashes, permissions, the kernel's maps as oracle."""
+
+from __future__ import annotations
+
+import errno
+import json
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Served, start_daemon, wait_for
+
+from devanon.broker import BrokerError, Client, SharedAnon, connect
+from devanon.broker import protocol as wire
+
+PS = os.sysconf("SC_PAGE_SIZE")
+FORK = multiprocessing.get_context("fork")
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def kernel_counts(shared: SharedAnon, pids: list[int]) -> dict[int, int]:
+    """Page -> how many VMAs of ``pids`` map it (the kernel's view, summed)."""
+    st = os.fstat(shared.fd)
+    counts: dict[int, int] = {}
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split()
+                if int(fields[4]) != st.st_ino:
+                    continue
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                if (major, minor) != (os.major(st.st_dev), os.minor(st.st_dev)):
+                    continue
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                first = int(fields[2], 16) // PS
+                for page in range(first, first + (hi - lo) // PS):
+                    counts[page] = counts.get(page, 0) + 1
+    return counts
+
+
+def worker(target: Callable[..., None], *args: Any) -> tuple[Any, Connection]:
+    """A forked process running ``target(conn, *args)``; returns it and our end of a pipe."""
+    ours, theirs = FORK.Pipe()
+    proc = FORK.Process(target=target, args=(theirs, *args), daemon=True)
+    proc.start()
+    return proc, ours
+
+
+def _share_and_write(conn: Connection, path: str) -> None:
+    with connect(path) as client, client.open("shared") as obj:
+        m = obj.map(0, 8 * PS)
+        assert bytes(m.view()[:6]) == b"parent"
+        m.view()[PS : PS + 5] = b"child"
+        conn.send("written")
+        conn.recv()  # hold the mapping until told
+        m.close()
+
+
+def test_two_processes_share_and_see_each_others_writes(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("shared", 16 * PS, create=True)
+        a = obj.map(0, 8 * PS)
+        a.view()[:6] = b"parent"
+        proc, conn = worker(_share_and_write, daemon.socket)
+        assert conn.recv() == "written"
+        assert bytes(a.view()[PS : PS + 5]) == b"child"
+        assert obj.map_count(0) == 2
+        assert kernel_counts(obj, [os.getpid(), proc.pid]) == dict.fromkeys(range(8), 2)
+        assert client.verify("shared") == []
+        # A unmaps while B still maps: nothing punched, the data stays
+        a.close()
+        assert obj.map_count(0) == 1
+        assert obj.resident_bytes() == 2 * PS
+        b = obj.map(0, 2 * PS)
+        assert bytes(b.view()[:6]) == b"parent"
+        b.close()
+        conn.send("done")
+        proc.join(10)
+        assert proc.exitcode == 0
+        assert wait_for(lambda: obj.map_count(0) == 0)
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def _map_write_and_hang(conn: Connection, path: str) -> None:
+    client = connect(path)
+    obj = client.open("crash")
+    m = obj.map(0, 16 * PS)
+    m.view()[:] = b"B" * 16 * PS
+    conn.send("ready")
+    signal.pause()
+
+
+def test_a_killed_client_loses_its_counts_and_nobody_elses(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("crash", 32 * PS, create=True)
+        mine = obj.map(0, 4 * PS)
+        mine.view()[:] = b"A" * 4 * PS
+        proc, conn = worker(_map_write_and_hang, daemon.socket)
+        assert conn.recv() == "ready"
+        assert obj.resident_bytes() == 16 * PS  # B overwrote my 4 pages and wrote 12 more
+        assert obj.map_count(0) == 2 and obj.map_count(15 * PS) == 1
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(10)
+        assert wait_for(lambda: obj.map_count(15 * PS) == 0)
+        assert obj.map_count(0) == 1
+        assert obj.resident_bytes() == 4 * PS  # what A still maps
+        assert bytes(mine.view()) == b"B" * 4 * PS  # B's last writes, kept for A
+        assert [c["pid"] for c in obj.stats().clients] == [os.getpid()]
+        assert client.verify("crash") == []
+        mine.close()
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def _random_mapper(conn: Connection, path: str, seed: int, npages: int) -> None:
+    rng = random.Random(seed)
+    with connect(path) as client, client.open("random") as obj:
+        live = []
+        for _ in range(60):
+            if live and rng.random() < 0.4:
+                m = live.pop(rng.randrange(len(live)))
+                if m.length > PS and rng.random() < 0.5:
+                    obj.unmap(m.address + PS, PS)  # cut it in two
+                m.close()
+            else:
+                first = rng.randrange(npages)
+                n = rng.randint(1, min(8, npages - first))
+                live.append(obj.map(first * PS, n * PS, writable=rng.random() < 0.5))
+                if live[-1].writable:
+                    live[-1].view()[0] = seed
+        conn.send("settled")
+        conn.recv()
+
+
+def test_verify_agrees_with_proc_maps_after_random_sequences_over_four_processes(
+    daemon: Served,
+) -> None:
+    npages = 64
+    with connect(daemon.socket) as client:
+        obj = client.open("random", npages * PS, create=True)
+        workers = [worker(_random_mapper, daemon.socket, seed, npages) for seed in range(4)]
+        for _, conn in workers:
+            assert conn.recv() == "settled"
+        assert client.verify("random") == []
+        kernel = kernel_counts(obj, [proc.pid for proc, _ in workers])
+        assert {p: obj.map_count(p * PS) for p in range(npages)} == {
+            p: kernel.get(p, 0) for p in range(npages)
+        }
+        for proc, conn in workers:
+            conn.send("go")
+            proc.join(10)
+            assert proc.exitcode == 0
+        assert wait_for(lambda: obj.stats().mapped_bytes == 0)
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def _as_nobody(conn: Connection, path: str) -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    result: dict[str, Any] = {}
+    with connect(path) as client:
+        try:
+            client.open("public", writable=True)
+        except PermissionError as e:
+            result["write"] = str(e)
+        obj = client.open("public", writable=False)
+        m = obj.map(0, PS, writable=False)
+        result["read"] = bytes(m.view()[:6])
+        try:
+            obj.map(0, PS, writable=True)
+        except PermissionError as e:
+            result["map_writable"] = str(e)
+        m.close()
+        obj.close()
+        result["visible"] = [o["name"] for o in client.stat()]
+        try:
+            client.open("private", writable=False)
+        except PermissionError as e:
+            result["private"] = str(e)
+        try:
+            client.unlink("public")
+        except PermissionError as e:
+            result["unlink"] = str(e)
+    conn.send(result)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_another_uid_gets_what_the_mode_allows(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        public = client.open("public", 4 * PS, create=True, mode=0o644)
+        private = client.open("private", 4 * PS, create=True, mode=0o600)
+        m = public.map(0, PS)
+        m.view()[:6] = b"public"
+        proc, conn = worker(_as_nobody, daemon.socket)
+        result = conn.recv()
+        proc.join(10)
+        assert "may not write 'public'" in result["write"]
+        assert result["read"] == b"public"
+        assert "read-only" in result["map_writable"]
+        assert result["visible"] == ["public"]
+        assert "may not read 'private'" in result["private"]
+        assert "only the owner" in result["unlink"]
+        assert public.map_count(0) == 1
+        m.close()
+        public.close()
+        private.close()
+
+
+def test_unlink_while_mapped_keeps_the_memory_until_the_last_user(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("doomed", 4 * PS, create=True)
+        m = obj.map(0, 4 * PS)
+        m.view()[:4] = b"live"
+        client.unlink("doomed")
+        assert [o["name"] for o in client.stat()] == []
+        with pytest.raises(FileNotFoundError, match="doomed"):
+            client.open("doomed")
+        assert bytes(m.view()[:4]) == b"live"
+        m.close()
+        obj.close()
+        again = client.open("doomed", 4 * PS, create=True)
+        m2 = again.map(0, 4 * PS)
+        assert os.pread(again.fd, 4, 0) == bytes(4)  # a new object, zero-filled
+        m2.close()
+        again.close()
+
+
+def test_daemon_restart_gives_clients_a_clear_error_and_no_hang(socket_dir: Path) -> None:
+    path = str(socket_dir / "restart.sock")
+    served = start_daemon(path)
+    client = connect(path)
+    obj = client.open("x", 4 * PS, create=True)
+    m = obj.map(0, PS)
+    assert served.stop() == 0
+    with pytest.raises(BrokerError, match="gone"):
+        obj.map(0, PS)
+    with pytest.raises(BrokerError, match="no devanon daemon"):
+        connect(path)
+    served = start_daemon(path)
+    try:
+        with connect(path) as fresh:
+            assert fresh.stat() == []
+    finally:
+        assert served.stop() == 0
+    del m
+
+
+def test_a_live_daemon_is_not_replaced_and_a_stale_socket_is(socket_dir: Path) -> None:
+    path = socket_dir / "one.sock"
+    served = start_daemon(str(path))
+    try:
+        second = subprocess.run(
+            [sys.executable, "-m", "devanon.cli", "serve", "--socket", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        assert second.returncode == 1 and "already serves" in second.stderr
+    finally:
+        assert served.stop() == 0
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stale.bind(str(path))  # a socket file nobody listens on
+    stale.close()
+    served = start_daemon(str(path))
+    assert served.stop() == 0
+
+
+def _raw(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    sock.settimeout(5)
+    return sock
+
+
+def test_bad_wire_input_gets_errors_and_changes_no_count(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("victim", 8 * PS, create=True)
+        m = obj.map(0, 4 * PS)
+        m.view()[0] = 1
+        before = client.stat("victim")
+        bad = _raw(daemon.socket)
+        handle = wire.OPENED.unpack(  # open the object on the raw connection, properly
+            _reply(bad, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"victim"))
+        )[0]
+        messages = [
+            b"",  # nothing at all (a zero-length datagram)
+            b"\x02",  # truncated header
+            wire.request(wire.Op.MAP, 2, b"\x01"),  # truncated body
+            wire.request(wire.Op.MAP, 3, wire.pack_ranges(handle, [(1, PS)])),  # unaligned
+            wire.request(wire.Op.MAP, 4, wire.pack_ranges(handle, [(0, 1 << 40)])),  # too long
+            wire.request(wire.Op.UNMAP, 5, wire.pack_ranges(handle, [(0, PS)])),  # not mapped
+            wire.request(wire.Op.MAP, 6, wire.pack_ranges(99, [(0, PS)])),  # no such handle
+            wire.request(wire.Op.OPEN, 7, b"\xff" * 20),  # garbage name
+            bytes([77]) + bytes(7),  # unknown op
+            wire.request(wire.Op.COUNT, 8, wire.COUNT.pack(handle, 1 << 40)),
+        ]
+        for message in messages:
+            if not message:
+                continue  # an empty SEQPACKET datagram reads as EOF: covered by disconnects
+            bad.send(message)
+            data = bad.recv(wire.MAX_MESSAGE)
+            _, status, _ = wire.REPLY.unpack_from(data)
+            assert status == wire.STATUS_ERROR, message
+        bad.send(b"\0" * (wire.MAX_MESSAGE + 100))  # oversized
+        assert wire.REPLY.unpack_from(bad.recv(wire.MAX_MESSAGE))[1] == wire.STATUS_ERROR
+        after = client.stat("victim")
+        for key in ("mapped_bytes", "resident_bytes", "freed_bytes", "punch_calls"):
+            assert after[0][key] == before[0][key], key
+        assert obj.map_count(0) == 1 and client.verify("victim") == []
+        bad.close()
+        m.close()
+        obj.close()
+
+
+def _reply(sock: socket.socket, message: bytes) -> bytes:
+    sock.send(message)
+    data, fds, _, _ = socket.recv_fds(sock, wire.MAX_MESSAGE, 4)
+    for fd in fds:
+        os.close(fd)
+    assert wire.REPLY.unpack_from(data)[1] == wire.STATUS_OK, data
+    return data[wire.REPLY.size :]
+
+
+def test_a_garbage_sending_client_is_cut_off_and_others_go_on(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("steady", 8 * PS, create=True)
+        m = obj.map(0, 8 * PS)
+        m.view()[:] = b"s" * 8 * PS
+        rng = random.Random(1)
+        bad = _raw(daemon.socket)
+        cut_off = False
+        for _ in range(100):
+            try:
+                bad.send(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 64))))
+                if bad.recv(wire.MAX_MESSAGE) == b"":
+                    cut_off = True
+                    break
+            except (ConnectionResetError, BrokenPipeError):
+                cut_off = True
+                break
+            obj.map_count(0)  # the good client is served all along
+        assert cut_off
+        again = obj.map(0, PS)
+        assert bytes(again.view()) == b"s" * PS
+        again.close()
+        assert obj.map_count(0) == 1 and client.verify("steady") == []
+        m.close()
+        obj.close()
+
+
+def _pickled_worker(conn: Connection, blob: bytes) -> None:
+    obj = pickle.loads(blob)
+    m = obj.map(0, PS)
+    m.view()[:6] = b"worker"
+    m.close()
+    obj.close()
+    conn.send("ok")
+
+
+def test_a_shared_anon_pickles_by_name_to_a_spawned_worker(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("pickled", 4 * PS, create=True)
+        keep = obj.map(0, PS)
+        ours, theirs = SPAWN.Pipe()
+        proc = SPAWN.Process(target=_pickled_worker, args=(theirs, pickle.dumps(obj)))
+        proc.start()
+        assert ours.recv() == "ok"
+        proc.join(20)
+        assert bytes(keep.view()[:6]) == b"worker"
+        keep.close()
+        obj.close()
+
+
+def test_forked_children_inherit_only_what_is_registered(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("fork", 8 * PS, create=True)
+        kept = obj.map(0, 4 * PS, inherit=True)
+        kept.view()[:] = b"k" * 4 * PS
+        private = obj.map(4 * PS, 4 * PS)
+        private.view()[:] = b"p" * 4 * PS
+        r, w = os.pipe()
+        go_r, go_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                os.close(go_w)
+                os.read(go_r, 1)  # the parent has unmapped everything by now
+                ok = bytes(kept.view()) == b"k" * 4 * PS
+                c = obj.map(4 * PS, PS)  # the child's own, on its own connection
+                ok = ok and bytes(c.view()) == bytes(PS)  # the parent's pages were punched
+                c.close()
+                kept.close()
+                os.write(w, b"1" if ok else b"0")
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        os.close(go_r)
+        assert obj.map_count(0) == 2  # ours and the child's pin
+        kept.close()
+        private.close()
+        assert obj.map_count(0) == 1 and obj.map_count(4 * PS) == 0
+        assert obj.resident_bytes() == 4 * PS  # the pinned pages stay, the rest went
+        os.write(go_w, b"g")
+        assert os.read(r, 1) == b"1"
+        os.waitpid(pid, 0)
+        assert wait_for(lambda: obj.map_count(0) == 0)
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
+    path = str(socket_dir / "m.sock")
+    textfile = socket_dir / "devanon.prom"
+    served = start_daemon(path, "--metrics-textfile", str(textfile))
+    try:
+        with connect(path) as client:
+            obj = client.open("metered", 4 * PS, create=True)
+            m = obj.map(0, 2 * PS)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "devanon.cli",
+                    "stat",
+                    "--socket",
+                    path,
+                    "--json",
+                    "--verify",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
+            assert out.returncode == 0, out.stderr
+            (info,) = json.loads(out.stdout)
+            assert info["mapped_bytes"] == 2 * PS and info["differences"] == []
+            assert wait_for(
+                lambda: "metered" in textfile.read_text() if textfile.exists() else False,
+                timeout=15,
+            )
+            m.close()
+            obj.close()
+    finally:
+        assert served.stop() == 0
+    text = textfile.read_text()
+    assert 'devanon_object_size_bytes{name="metered"}' in text
+
+
+def test_client_side_bad_input(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        with pytest.raises(FileNotFoundError, match="nothing"):
+            client.open("nothing")
+        with pytest.raises(ValueError, match="no '/'"):
+            client.open("a/b", PS, create=True)
+        with pytest.raises(TypeError):
+            client.open(b"bytes", PS, create=True)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="size"):
+            client.open("odd", 100, create=True)
+        obj = client.open("ok", 4 * PS, create=True)
+        with pytest.raises(ValueError, match="exists with size"):
+            client.open("ok", 8 * PS)
+        with pytest.raises(ValueError, match="past the end"):
+            obj.map(0, 8 * PS)
+        assert client.stat("ok")[0]["mapped_bytes"] == 0
+        obj.close()
+        with pytest.raises(ValueError, match="closed"):
+            obj.map(0, PS)
+
+
+def test_socket_mode_and_errno_of_refusals(daemon: Served) -> None:
+    assert os.stat(daemon.socket).st_mode & 0o777 == 0o666
+    raw = _raw(daemon.socket)
+    raw.send(wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"missing"))
+    data = raw.recv(wire.MAX_MESSAGE)
+    (code,) = struct.unpack_from("<i", data, wire.REPLY.size)
+    assert code == errno.ENOENT
+    raw.close()
+
+
+def test_default_socket_mode_is_the_owners_alone(socket_dir: Path) -> None:
+    served = start_daemon(str(socket_dir / "own.sock"))
+    try:
+        assert os.stat(socket_dir / "own.sock").st_mode & 0o777 == 0o600
+    finally:
+        assert served.stop() == 0
+
+
+def test_a_client_with_its_own_connection_per_thread_is_not_needed(daemon: Served) -> None:
+    import threading
+
+    with connect(daemon.socket) as client:
+        obj = client.open("threads", 64 * PS, create=True)
+        errors: list[BaseException] = []
+
+        def run(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(100):
+                    first = rng.randrange(60)
+                    obj.map(first * PS, 4 * PS).close()
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert client.stat("threads")[0]["mapped_bytes"] == 0
+        assert isinstance(client, Client)
+        obj.close()
