@@ -43,7 +43,8 @@ class MapCounts:
     def add(self, start: int, stop: int, n: int = 1) -> None:
         """Every page in ``[start, stop)`` gains ``n`` counts."""
         self._check(start, stop)
-        self._apply(start, stop, n)
+        if self._apply_in_run(start, stop, n) is None:
+            self._apply(start, stop, n)
 
     def remove(self, start: int, stop: int, n: int = 1) -> list[PageRange]:
         """Every page in ``[start, stop)`` loses ``n`` counts; returns the ranges now at zero.
@@ -52,6 +53,9 @@ class MapCounts:
         nothing, if any page in the range has fewer than ``n`` counts to lose.
         """
         self._check(start, stop)
+        zeros = self._apply_in_run(start, stop, -n)
+        if zeros is not None:
+            return zeros
         starts, counts = self._starts, self._counts
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)
@@ -130,6 +134,42 @@ class MapCounts:
         starts.insert(k + 1, page)
         self._counts.insert(k + 1, self._counts[k])
         return k + 1
+
+    def _apply_in_run(self, start: int, stop: int, delta: int) -> list[PageRange] | None:
+        """The common cases, kept short: ``[start, stop)`` lies inside one run, or is one.
+
+        Returns None (changing nothing) when the range spans runs. Raises ValueError
+        (changing nothing) if a count would fall below zero.
+        """
+        starts, counts = self._starts, self._counts
+        k = bisect_right(starts, start) - 1
+        nxt = k + 1
+        end = starts[nxt] if nxt < len(starts) else self.npages
+        if stop > end:
+            return None
+        old = counts[k]
+        new = old + delta
+        if new < 0:
+            raise ValueError(
+                f"page {start} is not mapped {-delta} times (its count is {old})"
+            )
+        zeros = [(start, stop)] if new == 0 else []
+        inner_left = starts[k] < start
+        if stop < end:  # a new run starts at stop, with the old count
+            starts.insert(nxt, stop)
+            counts.insert(nxt, old)
+        elif nxt < len(starts) and counts[nxt] == new:  # merge with the right neighbour
+            del starts[nxt]
+            del counts[nxt]
+        if inner_left:  # a new run starts at start, with the new count
+            starts.insert(nxt, start)
+            counts.insert(nxt, new)
+        else:
+            counts[k] = new
+            if k > 0 and counts[k - 1] == new:  # merge with the left neighbour
+                del starts[k]
+                del counts[k]
+        return zeros
 
     def _apply(self, start: int, stop: int, delta: int) -> list[PageRange]:
         first = self._split(start)
