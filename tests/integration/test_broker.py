@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Served, start_daemon, wait_for
+from broker_daemon import Served, start_daemon, wait_for
 
 from devanon.broker import BrokerError, Client, SharedAnon, connect
 from devanon.broker import protocol as wire

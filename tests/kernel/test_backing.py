@@ -9,7 +9,7 @@ from pathlib import Path
 
 import oracle
 import pytest
-from conftest import needs_root
+from support import needs_root
 
 import devanon
 from devanon._checks import free_hugepages
