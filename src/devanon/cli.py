@@ -1,4 +1,4 @@
-"""The ``devanon`` command: ``demo`` and ``punch``."""
+"""The ``devanon`` command: ``demo``, ``trace``, ``tour``, ``punch``, ``serve``, ``stat``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from rich.table import Table
 
 from devanon import tour
 from devanon.broker.commands import add_commands as add_broker_commands
+from devanon.demo.commands import add_demo_command, add_trace_command
 from devanon.punch import punch_hole
 from devanon.sizes import format_size, parse_size
 
@@ -24,10 +25,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="walk through the device, measured by the kernel")
-    demo.add_argument("--size", type=_size, default=256 << 20, help="Anon size (256M)")
-    demo.add_argument("--json", action="store_true", help="print the steps as JSON")
-    demo.set_defaults(run=_demo)
+    add_demo_command(commands)
+    add_trace_command(commands)
+
+    tour_ = commands.add_parser("tour", help="walk through the device, measured by the kernel")
+    tour_.add_argument("--size", type=_size, default=256 << 20, help="Anon size (256M)")
+    tour_.add_argument("--json", action="store_true", help="print the steps as JSON")
+    tour_.set_defaults(run=_tour)
 
     punch = commands.add_parser("punch", help="free a range of any file (sys_punch)")
     punch.add_argument("file", help="the file to punch a hole in")
@@ -53,7 +57,7 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _tour(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([asdict(s) for s in tour.run(args.size)], indent=2))
         return 0

@@ -222,6 +222,26 @@ def build_image(
     return manifest
 
 
+def scan_root(
+    root: str | os.PathLike[str], *, exclude: Sequence[str] = (), block_size: int = PAGE_SIZE
+) -> Manifest:
+    """The manifest ``build_image`` would write for ``root``, without writing an image."""
+    root_s = os.fspath(root)
+    if not os.path.isdir(root_s):
+        raise NotADirectoryError(20, f"root {root_s!r} is not a directory")
+    files: list[FileEntry] = []
+    next_block = 0
+    for rel in walk_root(root_s, exclude):
+        try:
+            size = os.stat(os.path.join(root_s, rel)).st_size
+        except OSError:
+            continue
+        blocks = -(-size // block_size)
+        files.append(FileEntry(rel, size, (Extent(Block(next_block), blocks),) if blocks else ()))
+        next_block += blocks
+    return Manifest(files, block_size, next_block * block_size)
+
+
 def _copy(src: int, dst: int, size: int, at: int) -> None:
     """Copy ``size`` bytes of ``src`` (from 0) to ``dst`` at ``at``, in the kernel if it can."""
     done = 0

@@ -1,4 +1,4 @@
-"""`devanon demo` (the device tour for now): its figures are the kernel's."""
+"""`devanon tour` (a walk through the device): its figures are the kernel's."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from devanon.cli import main
 MIB = 1 << 20
 
 
-def test_demo_json_reports_what_the_kernel_holds(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--json", "--size", "8M"]) == 0
+def test_tour_json_reports_what_the_kernel_holds(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tour", "--json", "--size", "8M"]) == 0
     steps = json.loads(capsys.readouterr().out)
     resident = [s["resident_bytes"] for s in steps]
     # created, wrote 4M, mapped again, unmapped A, unmapped B, guest wrote, overlay, release
@@ -22,6 +22,6 @@ def test_demo_json_reports_what_the_kernel_holds(capsys: pytest.CaptureFixture[s
     assert "reads the file: True" in steps[6]["action"]
 
 
-def test_demo_table_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--size", "4M"]) == 0
+def test_tour_table_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tour", "--size", "4M"]) == 0
     assert "st_blocks" in capsys.readouterr().out

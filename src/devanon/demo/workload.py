@@ -81,8 +81,9 @@ def record_default(output: str | os.PathLike[str], python: str = sys.executable)
             stdlib_root(),
             output,
             meta={
+                "command": "; ".join(f"python -I -S -B {p}" for p in PROGRAMS),
                 "python": python_version(),
-                "workload": "devanon default: " + ", ".join(PROGRAMS),
+                "workload": "the default of devanon demo (devanon.demo.workload)",
             },
             cwd=empty,
         )
