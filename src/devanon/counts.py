@@ -150,9 +150,7 @@ class MapCounts:
         old = counts[k]
         new = old + delta
         if new < 0:
-            raise ValueError(
-                f"page {start} is not mapped {-delta} times (its count is {old})"
-            )
+            raise ValueError(f"page {start} is not mapped {-delta} times (its count is {old})")
         zeros = [(start, stop)] if new == 0 else []
         inner_left = starts[k] < start
         if stop < end:  # a new run starts at stop, with the old count

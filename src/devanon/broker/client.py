@@ -61,6 +61,7 @@ class Client:
         self._lock = threading.RLock()
         self._seq = 0
         self._late_errors: list[str] = []
+        self._reply = bytearray(wire.MAX_MESSAGE)
         self.generation = 0
         """Bumped on every (re)connection: handles belong to one connection."""
         self._sock = self._connect()
@@ -91,40 +92,32 @@ class Client:
     ) -> tuple[bytes, list[int]]:
         """Send a request and wait for its reply; returns the body and any descriptors."""
         with self._lock:
-            seq = self._send(op, body, fds, 0)
-            while True:
-                try:
-                    data, rfds, _, _ = socket.recv_fds(self._sock, wire.MAX_MESSAGE, 4)
-                except OSError as e:
-                    raise self._gone(e.strerror) from None
-                if not data:
-                    raise self._gone("it closed the connection")
-                _, status, rseq = wire.REPLY.unpack_from(data)
-                if rseq != seq:  # an error for an earlier pipelined unmap
-                    self._late_errors.append(data[wire.REPLY.size + wire.ERROR.size :].decode())
-                    for fd in rfds:
-                        os.close(fd)
-                    continue
-                if status != wire.STATUS_OK:
-                    for fd in rfds:
-                        os.close(fd)
-                    (code,) = wire.ERROR.unpack_from(data, wire.REPLY.size)
-                    _raise(code, data[wire.REPLY.size + wire.ERROR.size :].decode())
-                if self._late_errors:
-                    late, self._late_errors = self._late_errors, []
-                    raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
-                return data[wire.REPLY.size :], rfds
+            seq = self._next_seq()
+            return self._exchange(wire.request(op, seq, body), seq, fds)
 
     def post(self, op: wire.Op, body: bytes, flags: int) -> None:
         """Send a request without waiting (errors come back with a later call)."""
         with self._lock:
-            self._send(op, body, None, flags)
+            self._transmit(wire.request(op, self._next_seq(), body, flags), None)
 
-    def _send(self, op: wire.Op, body: bytes, fds: list[int] | None, flags: int) -> int:
-        if self._pid != os.getpid():
+    def count(self, op: wire.Op, handle: int, offset: int, length: int, *, wait: bool) -> None:
+        """MAP (waiting for the yes) or UNMAP (posted) of one range: the hot path."""
+        with self._lock:
+            seq = self._next_seq()
+            flags = 0 if wait else wire.FLAG_NOREPLY
+            message = wire.MAP_ONE.pack(op, flags, seq, handle, offset, length)
+            if wait:
+                self._exchange(message, seq, None)
+            else:
+                self._transmit(message, None)
+
+    def _next_seq(self) -> int:
+        if self._pid < 0:  # a forked child: the socket was the parent's
             self._sock = self._connect()
         self._seq = (self._seq + 1) & 0xFFFFFFFF
-        message = wire.request(op, self._seq, body, flags)
+        return self._seq
+
+    def _transmit(self, message: bytes, fds: list[int] | None) -> None:
         try:
             if fds:
                 socket.send_fds(self._sock, [message], fds)
@@ -132,7 +125,34 @@ class Client:
                 self._sock.send(message)
         except OSError as e:
             raise self._gone(e.strerror) from None
-        return self._seq
+
+    def _exchange(self, message: bytes, seq: int, fds: list[int] | None) -> tuple[bytes, list[int]]:
+        self._transmit(message, fds)
+        buf = self._reply
+        while True:
+            try:
+                n, ancillary, _, _ = self._sock.recvmsg_into([buf], wire.ANCILLARY)
+            except OSError as e:
+                raise self._gone(e.strerror) from None
+            rfds = wire.descriptors(ancillary) if ancillary else []
+            if n < wire.REPLY.size:
+                for fd in rfds:
+                    os.close(fd)
+                raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
+            _, status, rseq = wire.REPLY.unpack_from(buf)
+            if status == wire.STATUS_OK and rseq == seq:
+                if self._late_errors:
+                    late, self._late_errors = self._late_errors, []
+                    raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
+                return bytes(buf[wire.REPLY.size : n]), rfds
+            for fd in rfds:
+                os.close(fd)
+            text = bytes(buf[wire.REPLY.size + wire.ERROR.size : n]).decode("utf-8", "replace")
+            if rseq != seq:  # an error for an earlier pipelined unmap
+                self._late_errors.append(text)
+                continue
+            (code,) = wire.ERROR.unpack_from(buf, wire.REPLY.size)
+            _raise(code, text)
 
     def _gone(self, why: str | None) -> BrokerError:
         return BrokerError(errno.ECONNRESET, f"the devanon daemon at {self.path} is gone ({why})")
@@ -332,17 +352,27 @@ class SharedAnon(Mapper):
         return [(a * ps, (b - a) * ps) for a, b in ranges]
 
     def _gain(self, ranges: list[PageRange]) -> None:
-        if ranges:
+        if len(ranges) == 1:
+            (first, last), ps = ranges[0], self.page_size
+            self.client.count(wire.Op.MAP, self._handle, first * ps, (last - first) * ps, wait=True)
+        elif ranges:
             body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
             self.client.call(wire.Op.MAP, body)
 
     def _lose(self, ranges: list[PageRange]) -> None:
-        if ranges and self._generation == self.client.generation:
+        if not ranges or self._generation != self.client.generation:
+            return
+        if len(ranges) == 1:
+            (first, last), ps = ranges[0], self.page_size
+            self.client.count(
+                wire.Op.UNMAP, self._handle, first * ps, (last - first) * ps, wait=False
+            )
+        else:
             body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
             self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
 
     def _before_op(self) -> None:
-        if self._generation != self.client.generation or self.client._pid != os.getpid():
+        if self._generation != self.client.generation or self.client._pid < 0:
             self._reopen_here()
 
     def _reopen_here(self) -> None:

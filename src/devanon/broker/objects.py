@@ -88,24 +88,44 @@ class SharedObject:
 
     # -- counts ----------------------------------------------------------------------------
 
+    def page_range(self, offset: int, length: int) -> PageRange:
+        """A byte range as a page range; ValueError naming a bad one."""
+        ps = self.page_size
+        if length <= 0 or offset % ps or length % ps or offset + length > self.size:
+            raise ValueError(
+                f"range [{offset:#x}, +{length:#x}) is not page-aligned within "
+                f"{self.name!r} (size {self.size:#x})"
+            )
+        return offset // ps, (offset + length) // ps
+
     def pages(self, ranges: list[tuple[int, int]]) -> list[PageRange]:
         """Byte ranges as page ranges; ValueError naming a bad one."""
-        ps = self.page_size
-        out = []
-        for offset, length in ranges:
-            if length <= 0 or offset % ps or length % ps or offset + length > self.size:
-                raise ValueError(
-                    f"range [{offset:#x}, +{length:#x}) is not page-aligned within "
-                    f"{self.name!r} (size {self.size:#x})"
-                )
-            out.append((offset // ps, (offset + length) // ps))
-        return out
+        return [self.page_range(offset, length) for offset, length in ranges]
+
+    def map_one(self, client: int, first: int, last: int) -> None:
+        holder = self.holders.get(client)
+        if holder is None:
+            holder = self.holders[client] = MapCounts(self.counts.npages)
+        holder.add(first, last)
+        self.counts.add(first, last)
+
+    def unmap_one(self, client: int, first: int, last: int) -> None:
+        """Drop one range of ``client``'s counts (ValueError, changing nothing, if it does
+        not hold it) and punch what falls to zero."""
+        holder = self.holders.get(client)
+        if holder is None:
+            raise ValueError(f"this client maps nothing of {self.name!r}")
+        try:
+            holder.remove(first, last)
+        except ValueError as e:
+            raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
+        zeros = self.counts.remove(first, last)
+        if zeros:
+            self.punch(zeros)
 
     def map(self, client: int, ranges: list[PageRange]) -> None:
-        holder = self.holders.setdefault(client, MapCounts(self.counts.npages))
         for first, last in ranges:
-            holder.add(first, last)
-            self.counts.add(first, last)
+            self.map_one(client, first, last)
 
     def unmap(self, client: int, ranges: list[PageRange]) -> None:
         """Drop ``client``'s counts; ValueError (changing nothing) if it does not hold them."""

@@ -9,7 +9,9 @@ stat and verify replies carry UTF-8 JSON. File descriptors travel as SCM_RIGHTS.
 
 from __future__ import annotations
 
+import array
 import enum
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -30,6 +32,8 @@ RANGE = struct.Struct("<QQ")
 COUNT = struct.Struct("<IQ")
 """handle, offset; the reply is one u64."""
 U64 = struct.Struct("<Q")
+MAP_ONE = struct.Struct("<BxHIIQQ")
+"""A whole MAP or UNMAP request of one range: the hot path, parsed in one step."""
 
 OPEN_CREATE = 1
 OPEN_WRITABLE = 2
@@ -117,3 +121,16 @@ def unpack_ranges(body: bytes) -> tuple[int, list[tuple[int, int]]]:
         raise ProtocolError(f"a range body is a handle and 16-byte ranges, not {len(body)} bytes")
     (handle,) = HANDLE.unpack_from(body)
     return handle, [RANGE.unpack_from(body, HANDLE.size + i) for i in range(0, rest, RANGE.size)]
+
+
+ANCILLARY = socket.CMSG_SPACE(4 * 4)
+"""Room for the few descriptors a message may carry."""
+
+
+def descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors an SCM_RIGHTS message carried."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.extend(array.array("i", data[: len(data) - len(data) % 4]))
+    return fds

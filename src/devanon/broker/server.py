@@ -19,7 +19,7 @@ import grp
 import json
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import struct
@@ -96,13 +96,17 @@ class Daemon:
         self.state_lock = threading.Lock()
         self._next_peer = 1
         self._stop = False
-        self._sel = selectors.DefaultSelector()
+        self._epoll = select.epoll()
+        self._ready: dict[int, Callable[[], None]] = {}
+        """What to do when a descriptor is readable: accept, read a client, a death."""
+        self._buf = bytearray(wire.MAX_MESSAGE + 1)
+        self._view = memoryview(self._buf)
         self._listener = self._listen(path, socket_mode, socket_group)
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._sel.register(self._listener, selectors.EVENT_READ, ("accept", None))
-        self._sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._watch(self._listener.fileno(), self._accept)
+        self._watch(self._wake_r.fileno(), self._woken)
         self._handlers: dict[wire.Op, Callable[[Peer, wire.Request, list[int]], Reply]] = {
             wire.Op.OPEN: self._open,
             wire.Op.MAP: self._map,
@@ -157,14 +161,29 @@ class Daemon:
     def serve_forever(self) -> None:
         try:
             while not self._stop:
-                for key, events in self._sel.select(timeout=1.0):
-                    kind, peer = key.data
-                    with self.state_lock:
-                        self._dispatch(kind, peer, key, events)
-                if self._stop:
-                    break
+                try:
+                    events = self._epoll.poll(1.0)
+                except InterruptedError:
+                    continue
+                for fd, _ in events:
+                    action = self._ready.get(fd)
+                    if action is not None:
+                        with self.state_lock:
+                            action()
         finally:
             self._shutdown()
+
+    def _woken(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self._wake_r.recv(64)
+
+    def _watch(self, fd: int, action: Callable[[], None]) -> None:
+        self._epoll.register(fd, select.EPOLLIN)
+        self._ready[fd] = action
+
+    def _unwatch(self, fd: int) -> None:
+        if self._ready.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
 
     def _shutdown(self) -> None:
         for peer in list(self.peers.values()):
@@ -173,7 +192,7 @@ class Daemon:
             obj.close()
         self.objects.clear()
         self.unlinked.clear()
-        self._sel.close()
+        self._epoll.close()
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -181,26 +200,6 @@ class Daemon:
             os.unlink(self.path)
 
     # -- events ----------------------------------------------------------------------------
-
-    def _dispatch(
-        self,
-        kind: str,
-        peer: Peer | SharedObject | None,
-        key: selectors.SelectorKey,
-        events: int,
-    ) -> None:
-        if kind == "accept":
-            self._accept()
-        elif kind == "wake":
-            self._wake_r.recv(64)
-        elif kind == "client" and isinstance(peer, Peer):
-            self._receive(peer)
-        elif kind == "pidfd" and isinstance(peer, Peer):
-            self._disconnect(peer)
-        elif kind == "pin" and isinstance(peer, SharedObject):  # a forked child is gone
-            self._sel.unregister(key.fileobj)
-            peer.unpin(key.fd)
-            self._forget_unused()
 
     def _accept(self) -> None:
         try:
@@ -218,34 +217,61 @@ class Daemon:
         peer = Peer(self._next_peer, sock, pid, uid, gid, peer_groups(pid, gid), pidfd)
         self._next_peer += 1
         self.peers[peer.id] = peer
-        self._sel.register(sock, selectors.EVENT_READ, ("client", peer))
-        self._sel.register(pidfd, selectors.EVENT_READ, ("pidfd", peer))
+        self._watch(sock.fileno(), lambda: self._receive(peer))
+        self._watch(pidfd, lambda: self._disconnect(peer))
         log.info("client %d: pid %d uid %d", peer.id, pid, uid)
 
     def _receive(self, peer: Peer) -> None:
+        """Read and handle what the client sent, a few messages per wake-up."""
+        sock, buf = peer.sock, self._buf
+        for _ in range(_BATCH):
+            try:
+                n, ancillary, flags, _ = sock.recvmsg_into([buf], wire.ANCILLARY)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._disconnect(peer)
+                return
+            if n == _FAST_SIZE and not ancillary and buf[0] in _FAST_OPS:
+                self._map_or_unmap(peer)
+                continue
+            fds = wire.descriptors(ancillary)
+            if n == 0 and not fds:
+                self._disconnect(peer)
+                return
+            if flags & _TRUNCATED:
+                for fd in fds:
+                    os.close(fd)
+                self._protocol_error(peer, 0, 0, f"message over {wire.MAX_MESSAGE} bytes")
+            else:
+                try:
+                    req = wire.parse_request(bytes(self._view[:n]))
+                except wire.ProtocolError as e:
+                    for fd in fds:
+                        os.close(fd)
+                    self._protocol_error(peer, buf[0] if n else 0, 0, str(e))
+                else:
+                    self._handle(peer, req, fds)
+            if peer.id not in self.peers:
+                return
+
+    def _map_or_unmap(self, peer: Peer) -> None:
+        """The hot path: MAP or UNMAP of one range, straight from the buffer."""
+        op, flags, seq, handle, offset, length = wire.MAP_ONE.unpack_from(self._buf)
+        obj = peer.handles.get(handle)
         try:
-            data, fds, flags, _ = socket.recv_fds(peer.sock, wire.MAX_MESSAGE, 4)
-        except BlockingIOError:
+            if obj is None:
+                raise ValueError(f"no open handle {handle}")
+            first, last = obj.page_range(offset, length)
+            if op == wire.Op.MAP:
+                obj.map_one(peer.id, first, last)
+            else:
+                obj.unmap_one(peer.id, first, last)
+        except ValueError as e:
+            self._send(peer, wire.error(op, seq, errno.EINVAL, str(e)))
             return
-        except OSError:
-            self._disconnect(peer)
-            return
-        if not data and not fds:
-            self._disconnect(peer)
-            return
-        if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
-            for fd in fds:
-                os.close(fd)
-            self._protocol_error(peer, 0, 0, f"message over {wire.MAX_MESSAGE} bytes")
-            return
-        try:
-            req = wire.parse_request(data)
-        except wire.ProtocolError as e:
-            for fd in fds:
-                os.close(fd)
-            self._protocol_error(peer, data[0] if data else 0, 0, str(e))
-            return
-        self._handle(peer, req, fds)
+        if op == wire.Op.MAP or not flags & wire.FLAG_NOREPLY:
+            self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
 
     def _handle(self, peer: Peer, req: wire.Request, fds: list[int]) -> None:
         err: tuple[int, str] | None = None
@@ -302,8 +328,8 @@ class Daemon:
             obj.drop(peer.id)
             obj.handles.pop(peer.id, None)
         peer.handles.clear()
-        self._sel.unregister(peer.sock)
-        self._sel.unregister(peer.pidfd)
+        self._unwatch(peer.sock.fileno())
+        self._unwatch(peer.pidfd)
         peer.sock.close()
         os.close(peer.pidfd)
         self._forget_unused()
@@ -452,8 +478,14 @@ class Daemon:
         lifeline = fds[0]
         os.set_blocking(lifeline, False)
         obj.pin(lifeline, pages)
-        self._sel.register(lifeline, selectors.EVENT_READ, ("pin", obj))
+        self._watch(lifeline, lambda: self._unpinned(obj, lifeline))
         return Reply(kept=[lifeline])
+
+    def _unpinned(self, obj: SharedObject, lifeline: int) -> None:
+        """A forked child (and its descendants) is gone: drop its pin."""
+        self._unwatch(lifeline)
+        obj.unpin(lifeline)
+        self._forget_unused()
 
     def _count(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         handle, offset = wire.COUNT.unpack(req.body)
@@ -468,6 +500,13 @@ class Daemon:
         """Every object's figures, as stat shows root (taken under ``state_lock``)."""
         with self.state_lock:
             return [{**obj.describe(), "clients": len(obj.holders)} for obj in self._all_objects()]
+
+
+_BATCH = 16
+"""Messages read from one client per wake-up (the others get their turn after)."""
+_TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
+_FAST_SIZE = wire.MAP_ONE.size
+_FAST_OPS = frozenset((wire.Op.MAP, wire.Op.UNMAP))
 
 
 @dataclass(slots=True)
