@@ -13,7 +13,11 @@ position, or a forked child reading a descriptor it inherited, can make an offse
 For programs that open, read and close (like Python importing modules) they are exact.
 
 ``guest_other_bytes`` (the guest's non-disk memory) is measured as the peak resident set
-of the command's largest process (``ru_maxrss`` from ``wait4``), unless given.
+of the command's largest process (``ru_maxrss`` from ``wait4``), unless given. A process's
+``ru_maxrss`` includes the memory it had before ``exec`` (the kernel keeps the old mm's
+high-water mark in ``exec_mmap``), i.e. the resident set of whoever forked it: so strace is
+started by a small helper interpreter, not by this (larger) process, and the figure has
+that helper's resident set (~9 MiB) as its floor.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -215,9 +220,35 @@ def record(
     return rec
 
 
+_HELPER = """
+import os, sys
+out = int(sys.argv[1])
+pid = os.fork()
+if pid == 0:
+    os.close(out)
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+os.write(out, b"%d %d" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024))
+"""
+
+
 def _run(argv: list[str], cwd: str | None) -> tuple[int, int]:
-    """Run and wait with ``wait4``: (exit code, peak RSS of the largest process, bytes)."""
-    proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, usage.ru_maxrss * 1024
+    """Run ``argv`` from the small helper: (exit code, peak RSS of its largest process)."""
+    r, w = os.pipe()
+    try:
+        helper = [sys.executable, "-I", "-S", "-c", _HELPER, str(w), *argv]
+        proc = subprocess.Popen(helper, cwd=cwd, stdin=subprocess.DEVNULL, pass_fds=(w,))
+        os.close(w)
+        w = -1
+        answer = os.read(r, 100).split()
+        proc.wait()
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    if len(answer) != 2:
+        return proc.returncode or 127, 0
+    return int(answer[0]), int(answer[1])

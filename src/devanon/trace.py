@@ -139,7 +139,9 @@ def format_trace(
 ) -> str:
     """Trace text: the metadata comments, then one ``path\\toffset\\tlength`` line per read."""
     lines = ["# devanon trace: path<TAB>offset<TAB>length, paths relative to the root"]
-    lines += [f"# {key}: {value}" for key, value in (meta or {}).items()]
+    for key, value in (meta or {}).items():
+        text = " ".join(str(value).split("\n")).replace("\r", " ").replace("\t", " ")
+        lines.append(f"# {key}: {text}")
     for path, offset, length in reads:
         why = check_path(path)
         if why:

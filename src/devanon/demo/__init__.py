@@ -1,6 +1,6 @@
 """``devanon demo``: the RFC's experiment, on today's Linux, measured by the kernel.
 
-``run(options)`` does the runs (``devanon.demo.run``), builds the result
+``run(options)`` does the runs (``devanon.demo.runs``), builds the result
 (``devanon.demo.report``), and shows it: JSON, or a table with progress bars on a terminal
 (plain lines otherwise), and a plot if asked.
 """
@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from devanon.demo import report
-from devanon.demo.run import (
+from devanon.demo.runs import (
     Curve,
     DemoError,
     Density,
@@ -30,7 +30,6 @@ from devanon.demo.run import (
     run_curve,
     run_density,
 )
-from devanon.demo.workload import cache_dir
 from devanon.ubd import Mode
 
 __all__ = ["DemoError", "DemoOptions", "run"]
@@ -63,6 +62,8 @@ def check(options: DemoOptions) -> None:
 
 def run(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     """Run the demo; print JSON or a table; returns the result dict."""
+    from devanon.demo.workload import cache_dir
+
     check(options)
     console = console or Console(stderr=options.json)
     workload = load_workload(options.rootfs, options.trace, cache_dir())

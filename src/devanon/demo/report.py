@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from devanon.demo.run import Curve, Density, Workload
+from devanon.demo.runs import Curve, Density, Workload
 from devanon.sizes import format_size
 
 RFC = {

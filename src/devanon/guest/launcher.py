@@ -24,6 +24,7 @@ import os
 import selectors
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -88,16 +89,33 @@ def _guest_main(index: int, config: dict[str, Any], plan: Plan) -> tuple[dict[st
     return event, guest
 
 
-def _warm_up(config: dict[str, Any], plan: Plan, rounds: int = 10) -> None:
-    """Boot small guests on the first reads of the plan, so the code they run is warm."""
-    small = plan.head(16)
-    for _ in range(rounds):
-        with Guest.create(config["image"], config["mode"], 4 << 20, name="devanon-warm-up") as g:
-            g.add_other_memory(64 << 10)
-            g.replay(small)
-            g.memory.vmas()
-            g.memory.resident_bytes()
-            g.drop_caches()
+def _warm_up(config: dict[str, Any], page_size: int, rounds: int = 10) -> None:
+    """Boot small guests on a scratch image of their own, so the code guests run is warm.
+
+    Never on the real image: its page cache must be charged to the measurement's cgroup,
+    and be cold when the measurement starts.
+    """
+    pages = 64
+    plan = Plan(page_size, ["scratch"], {})
+    for i in range(16):
+        plan.read_line.append(i + 1)
+        plan.read_file.append(0)
+        plan.read_offset.append(i * 4 * page_size + 100)
+        plan.read_length.append(2 * page_size)
+        plan.piece_page.append(i * 4)
+        plan.piece_block.append(i * 4)
+        plan.piece_count.append(3)
+        plan.read_piece.append(len(plan.piece_page))
+    with tempfile.NamedTemporaryFile(prefix="devanon-warm-up-", dir=config.get("workdir")) as f:
+        f.truncate(pages * page_size)
+        f.flush()
+        for _ in range(rounds):
+            with Guest.create(f.name, config["mode"], 4 << 20, name="devanon-warm-up") as g:
+                g.add_other_memory(64 << 10)
+                g.replay(plan)
+                g.memory.vmas()
+                g.memory.resident_bytes()
+                g.drop_caches()
 
 
 def _fork_guest(index: int, config: dict[str, Any], plan: Plan, children: list[_Child]) -> _Child:
@@ -141,7 +159,7 @@ def main() -> int:
     config = json.loads(sys.stdin.readline())
     try:
         plan = Plan.load(config["plan"])
-        _warm_up(config, plan)
+        _warm_up(config, plan.page_size)
     except (OSError, ValueError) as e:
         _emit({"event": "error", "message": str(e)})
         return 1

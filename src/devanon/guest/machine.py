@@ -260,7 +260,10 @@ class Guest:
     def _alloc(self, count: int, near: Frame | None) -> list[tuple[Frame, int]]:
         """``count`` frames, evicting least recently used pages if the guest is full."""
         if count > self.frames.free_frames:
-            want = count - self.frames.free_frames + EVICT_BATCH
+            # a few more than needed, but never so many that the pages of the read under
+            # way (the most recently used) go too
+            batch = min(EVICT_BATCH, self.frames.frames // 16)
+            want = count - self.frames.free_frames + batch
             victims = self.cache.evict(want)
             self._release([f for _, _, f in victims])
             self.stats.pages_evicted += len(victims)

@@ -1,0 +1,40 @@
+"""The COW layer file: header, bitmap, data, reopened."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devanon.cow import CowLayer
+from devanon.units import Block
+
+BS = 4096
+
+
+def test_write_runs_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "g.cow"
+    with CowLayer.create(path, "/base.img", 64 * BS, BS) as cow:
+        assert not cow.has(Block(3))
+        cow.write(Block(3), b"x" * (2 * BS))
+        assert cow.runs(Block(1), 5) == [(1, 2, False), (3, 2, True), (5, 1, False)]
+        assert cow.blocks_written == 2
+    with CowLayer.open(path, 64 * BS) as again:
+        assert again.has(Block(4)) and not again.has(Block(5))
+        assert again.base == "/base.img"
+        with open(path, "rb") as f:
+            f.seek(again.offset_of(Block(3)))
+            assert f.read(BS) == b"x" * BS
+    with pytest.raises(ValueError, match="is for a base of 262144 bytes, not 4096"):
+        CowLayer.open(path, BS)
+
+
+def test_errors(tmp_path: Path) -> None:
+    with CowLayer.create(tmp_path / "g.cow", "/b", 4 * BS, BS) as cow:
+        with pytest.raises(ValueError, match="whole blocks"):
+            cow.write(Block(0), b"x")
+        with pytest.raises(ValueError, match=r"blocks \[3, 5\) are outside"):
+            cow.write(Block(3), b"x" * (2 * BS))
+    (tmp_path / "junk").write_bytes(b"nope")
+    with pytest.raises(ValueError, match="is not a devanon COW file"):
+        CowLayer.open(tmp_path / "junk", 4 * BS)

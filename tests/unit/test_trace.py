@@ -1,0 +1,77 @@
+"""Trace parsing: the format of DESIGN.md, bad lines refused with their line number."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from devanon.trace import TraceError, format_trace, load_trace, parse_trace
+
+GOOD = """# devanon trace
+# guest_other_bytes: 8192
+# command: python -c pass
+
+a.py\t0\t100
+dir/b.pyc\t4096\t5000
+# a plain comment
+a.py\t50\t10
+"""
+
+
+def test_reads_metadata_and_comments() -> None:
+    t = parse_trace(GOOD, "good.trace")
+    assert [(r.line, r.path, r.offset, r.length) for r in t.reads] == [
+        (5, "a.py", 0, 100),
+        (6, "dir/b.pyc", 4096, 5000),
+        (8, "a.py", 50, 10),
+    ]
+    assert t.meta["command"] == "python -c pass"
+    assert t.guest_other_bytes == 8192
+    assert t.total_bytes() == 5110
+
+
+def test_distinct_bytes_counts_pages_once() -> None:
+    t = parse_trace(GOOD)
+    # a.py page 0 (twice); b.pyc bytes 4096..9096: pages 1 and 2
+    assert t.distinct_bytes(4096) == 3 * 4096
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ("a.py\t0", "got 2 field(s)"),
+        ("a.py\t0\t1\t2", "got 4 field(s)"),
+        ("a.py\tx\t1", "must be integers"),
+        ("a.py\t0\t-1", "must be integers"),
+        ("a.py\t0\t0", "length > 0"),
+        ("/etc/passwd\t0\t1", "absolute"),
+        ("../x\t0\t1", "'..'"),
+        ("\t0\t1", "empty path"),
+    ],
+)
+def test_bad_line_is_refused_with_its_number(line: str, words: str) -> None:
+    with pytest.raises(TraceError, match=rf"t\.trace:3: .*{re.escape(words)}"):
+        parse_trace(f"# x\nok\t0\t1\n{line}\n", "t.trace")
+
+
+def test_bad_metadata_value_is_refused() -> None:
+    with pytest.raises(TraceError, match=r":1: guest_other_bytes must be an integer, not 'lots'"):
+        parse_trace("# guest_other_bytes: lots\n")
+
+
+def test_format_round_trips() -> None:
+    reads = [("x/y.py", 0, 10), ("z", 4096, 1)]
+    t = parse_trace(format_trace(reads, {"guest_other_bytes": 4096}))
+    assert [(r.path, r.offset, r.length) for r in t.reads] == reads
+    assert t.guest_other_bytes == 4096
+
+
+def test_format_refuses_unrepresentable_paths() -> None:
+    with pytest.raises(ValueError, match="tab"):
+        format_trace([("a\tb", 0, 1)])
+
+
+def test_missing_file_is_named(tmp_path: object) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.trace"):
+        load_trace("/nonexistent/nope.trace")
