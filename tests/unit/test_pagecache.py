@@ -12,6 +12,13 @@ from devanon.guest.pagecache import PageCache
 from devanon.units import Frame
 
 
+def test_runs_are_put_in_order() -> None:
+    c = PageCache(16)
+    c.put(3, 10, Frame(4), 3)
+    assert [c.peek(3, p) for p in (9, 10, 11, 12, 13)] == [None, 4, 5, 6, None]
+    assert c.evict(1) == [(3, 10, 4)]
+
+
 def test_lookup_and_lru_order() -> None:
     c = PageCache(8)
     c.put(0, 0, Frame(3))
@@ -26,12 +33,12 @@ def test_lookup_and_lru_order() -> None:
 def test_errors() -> None:
     c = PageCache(4)
     c.put(0, 0, Frame(0))
-    with pytest.raises(ValueError, match="frame 0 already holds"):
+    with pytest.raises(ValueError, match=r"a frame of \[0, 1\) already holds"):
         c.put(1, 0, Frame(0))
-    with pytest.raises(ValueError, match="page 0 of file 0 is already cached"):
+    with pytest.raises(ValueError, match=r"a page of \[0, 1\) of file 0 is cached"):
         c.put(0, 0, Frame(1))
-    with pytest.raises(ValueError, match="frame 9 is not one of the 4"):
-        c.put(2, 0, Frame(9))
+    with pytest.raises(ValueError, match=r"frames \[3, 5\) are not among the 4"):
+        c.put(2, 0, Frame(3), 2)
 
 
 ops = st.lists(

@@ -120,8 +120,7 @@ class Guest:
             at = p
             for frame, n in self._alloc(q - p, near):
                 self.device.read(frame, Block(block + (at - page)), n)
-                for i in range(n):
-                    cache.put(file, at + i, Frame(frame + i))
+                cache.put(file, at, frame, n)
                 at += n
             self.stats.page_misses += q - p
             p = q
