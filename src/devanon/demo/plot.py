@@ -87,4 +87,5 @@ def _bars(
         ax.text(rx, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), names)
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, max([*ours, *theirs]) * 1.3)
+    ax.legend(fontsize=8, loc="upper left")
