@@ -224,3 +224,21 @@ def test_bad_device_input_is_named(image: tuple[Path, Manifest], disk_dir: Path)
         BlockDevice(odd, guest.memory, Mode.COPY)
     with pytest.raises(FileNotFoundError, match=r"disk image '/nonexistent\.img' does not exist"):
         Guest.create("/nonexistent.img", Mode.COPY, 1 * MIB)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_bad_trace_lines_are_skipped_and_the_replay_goes_on(
+    mode: Mode, root: Path, image: tuple[Path, Manifest]
+) -> None:
+    img, manifest = image
+    text, want = chunked_trace(root)
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if not line.startswith("#"))
+    lines[first:first] = ["gone/missing.bin\t0\t10", "d0/f0.bin\t0\t999999"]
+    plan = Plan.compile(parse_trace("\n".join(lines)), manifest)
+    assert [(p.line, p.path) for p in plan.problems] == [
+        (first + 1, "gone/missing.bin"),
+        (first + 2, "d0/f0.bin"),
+    ]
+    with Guest.create(img, mode, 32 * MIB) as guest:
+        assert guest.replay(plan).crc == want  # every good line, in order

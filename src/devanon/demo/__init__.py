@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -85,8 +86,9 @@ def run(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
         console.print(f"[yellow]not measured by a cgroup:[/] {measured_by}")
     curves: dict[str, Curve] = {}
     densities: dict[str, Density] = {}
+    scratch = "/var/tmp" if os.path.isdir("/var/tmp") else None  # a disk, not tmpfs, if any
     with (
-        tempfile.TemporaryDirectory(prefix="devanon-demo-", dir="/var/tmp") as work,
+        tempfile.TemporaryDirectory(prefix="devanon-demo-", dir=scratch) as work,
         _progress(console, quiet=options.json and not console.is_terminal) as progress,
     ):
         for mode in options.modes:
