@@ -27,7 +27,9 @@ def file_id(fd: int) -> tuple[int, int, int]:
     return os.major(st.st_dev), os.minor(st.st_dev), st.st_ino
 
 
-def maps_entries(ident: tuple[int, int, int], pid: int | str = "self") -> list[tuple[int, int, int]]:
+def maps_entries(
+    ident: tuple[int, int, int], pid: int | str = "self"
+) -> list[tuple[int, int, int]]:
     """``(start, end, file_offset)`` of each VMA of ``pid`` that maps the file ``ident``."""
     major, minor, inode = ident
     out = []

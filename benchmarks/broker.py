@@ -1,0 +1,793 @@
+"""The broker's costs (``devanon serve``), each beside a baseline measured in the same run.
+
+The benchmark starts its own daemon (``devanon serve --socket <tmpdir>/dv.sock``, from the
+same venv as this Python), creates one 1 MiB object, and stops the daemon with SIGTERM at
+the end, whatever happens. Baselines are tiny Python echo servers on their own
+AF_UNIX SOCK_SEQPACKET sockets: they answer a request with an 8-byte reply, as the daemon
+answers MAP, and swallow a message flagged FLAG_NOREPLY, as the daemon swallows a posted
+UNMAP. Every request is the broker's MAP/UNMAP message (28 bytes) for one 4 KiB page.
+
+(a) ``round_trip``: one map + unmap through the broker, per iteration (the garbage
+    collector paused; ``time.perf_counter_ns`` around each iteration; iterations timed in
+    blocks of one kind, blocks of every kind interleaved in rotating order, the first
+    iteration of a block untimed so a block doesn't pay for the posted work of the one
+    before). Median, min and mean are reported; ratios are of medians.
+
+    - ``broker_map_unmap``: ``m = shared.map(0, 4096); m.close()`` (a MAP round trip, mmap,
+      madvise(MADV_DONTFORK), munmap, a posted UNMAP; the daemon punches the page);
+    - ``broker_protocol``: ``client.call(Op.MAP)`` + ``client.post(Op.UNMAP,
+      FLAG_NOREPLY)`` with no mmap: the broker's share without the client's syscalls;
+    - baseline ``bare_round_trip``: send a 28-byte request, wait for the 8-byte reply, to a
+      server doing blocking recv/send on one connection.
+      Target: broker_map_unmap / bare_round_trip <= 2.
+    - diagnostics (no target): ``echo_epoll_round_trip`` (the same, to a selectors server
+      shaped like the daemon), ``echo_epoll_pair`` (the broker's message pattern: request,
+      reply, posted message), ``raw_syscalls`` (mmap + madvise + munmap of a 4 KiB memfd
+      page through ``devanon._libc``: the client's syscalls alone), and the servers' CPU
+      time per pair or round trip (``/proc/PID/schedstat``).
+
+(b) ``throughput``: 1 and 8 client processes (spawned; each with its own connection), each
+    mapping and unmapping its own 4 KiB page of the one object in a loop for a fixed time;
+    total map+unmap pairs per second (median of the rounds), beside the same processes
+    doing the same message pattern (request, reply, posted message) against the selectors
+    echo server. Also the servers' CPU share (1.0 = one core busy), the share of the time
+    they were runnable but waited for a CPU, and CPU time per pair (server and clients).
+    Target: >= 20,000 pairs/s with 8 clients.
+
+(c) ``verify``: the benchmark measured correct behaviour: the daemon's counts agree with
+    the clients' /proc/PID/maps while they are connected, every pair punched its page once
+    (``punch_calls`` = pairs made), and at the end every count is 0, the object is one run
+    of zeros, and its resident bytes are 0 (also after a page was written).
+
+Run from the repository root (full: about a minute; the machine should be otherwise idle)::
+
+    .venv/bin/python benchmarks/broker.py [--quick] [-o FILE]
+
+``--quick`` is a smoke check of about ten seconds (few blocks, 0.5 s rounds), so its figures
+are not the ones to quote. The JSON goes to stdout (and to FILE with ``-o``); progress goes to
+stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import selectors
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+from devanon import _libc
+from devanon.broker import Client, SharedAnon, connect
+from devanon.broker import protocol as wire
+
+KiB = 1 << 10
+MiB = 1 << 20
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
+OBJECT = "bench-broker"
+OBJECT_SIZE = MiB
+"""Pages: 0 for the main process, 1 + i for worker i (each page has one user: every unmap
+brings its count to 0 and the daemon punches it)."""
+WORKER_WARMUP = 300
+"""Broker pairs (and echo pairs) each worker makes before it says it is ready."""
+ROUND_TRIP_TARGET = 2.0
+THROUGHPUT_TARGET = 20_000
+THROUGHPUT_CLIENTS = 8
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Repetitions for one run."""
+
+    block: int
+    """Iterations timed back to back in one block of (a)."""
+    blocks: int
+    """Blocks of each kind in (a)."""
+    duration_s: float
+    """Length of one throughput run in (b)."""
+    rounds: int
+    """Throughput runs of each kind in (b)."""
+    clients: tuple[int, ...] = (1, THROUGHPUT_CLIENTS)
+
+
+FULL = Config(block=50, blocks=300, duration_s=3.0, rounds=3)
+QUICK = Config(block=20, blocks=20, duration_s=0.5, rounds=1)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+
+def log(message: str) -> None:
+    """Progress, to stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def gc_paused() -> Iterator[None]:
+    """Collect now, then keep the collector off while timing."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def us(samples_ns: list[int]) -> tuple[float, float]:
+    """Median and min of nanosecond samples, in microseconds."""
+    return statistics.median(samples_ns) / 1e3, min(samples_ns) / 1e3
+
+
+def sched_s(pid: int) -> tuple[float, float]:
+    """Seconds a single-threaded process has run on a CPU, and waited runnable for one
+    (``/proc/PID/schedstat``, ns; without schedstats, CPU time in ticks and no wait)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        run, wait, _ = Path(f"/proc/{pid}/schedstat").read_text().split()
+        return int(run) / 1e9, int(wait) / 1e9
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), 0.0
+
+
+def cpu_s(pid: int) -> float:
+    """CPU time a single-threaded process has used, in seconds."""
+    return sched_s(pid)[0]
+
+
+def sleep_until(deadline: float) -> None:
+    """Sleep until ``time.monotonic()`` reaches ``deadline``."""
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(left)
+
+
+def echo_messages(handle: int, offset: int) -> tuple[bytes, bytes]:
+    """The broker's MAP request and posted UNMAP for one page: the baselines send these."""
+    body = wire.pack_ranges(handle, [(offset, PAGE)])
+    return (
+        wire.request(wire.Op.MAP, 1, body),
+        wire.request(wire.Op.UNMAP, 2, body, wire.FLAG_NOREPLY),
+    )
+
+
+def seqpacket(path: str, timeout: float = 20.0) -> socket.socket:
+    """A connection to ``path``, retrying while the server starts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+# -- the processes: daemon, echo servers, workers -------------------------------------------
+
+
+@dataclass
+class DaemonProcess:
+    """``devanon serve`` in a subprocess, its output in a log file."""
+
+    socket_path: str
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    exit: Json = field(default_factory=dict)
+
+    @staticmethod
+    def executable() -> str:
+        """The ``devanon`` script next to this Python (the venv's), else on PATH."""
+        beside = Path(sys.executable).with_name("devanon")
+        found = str(beside) if beside.exists() else shutil.which("devanon")
+        if found is None:
+            raise FileNotFoundError("no `devanon` script beside this Python or on PATH")
+        return found
+
+    def start(self, timeout: float = 20.0) -> None:
+        command = [self.executable(), "serve", "--socket", self.socket_path]
+        with open(self.log_path, "wb") as out:
+            self.proc = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while "listening on" not in self.log():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`{' '.join(command)}` did not start:\n{self.log()}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def cpu_s(self) -> float:
+        assert self.proc is not None
+        return cpu_s(self.proc.pid)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not stopped in 10 s."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=10)
+            killed = False
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            killed = True
+        text = self.log()
+        clean = self.proc.returncode == 0 and not killed and "devanon serve: stopped" in text
+        trouble = [
+            line
+            for line in text.splitlines()
+            if "Traceback" in line or " failed" in line or "cut off" in line
+        ]
+        self.exit |= {
+            "returncode": self.proc.returncode,
+            "killed_after_timeout": killed,
+            "log_lines_with_errors": trouble[:10],
+            "target": "stopped cleanly by SIGTERM, nothing failed or cut off in its log",
+            "ok": clean and not trouble,
+        }
+
+
+@contextlib.contextmanager
+def running_daemon(directory: Path) -> Iterator[DaemonProcess]:
+    """A daemon for the benchmark, stopped with SIGTERM on the way out, always."""
+    daemon = DaemonProcess(str(directory / "dv.sock"), directory / "daemon.log")
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+def echo_server(path: str, blocking: bool) -> None:
+    """The baseline: an 8-byte reply to every message (none if FLAG_NOREPLY), nothing else.
+
+    ``blocking``: recv/send on one connection at a time; else one selectors loop over every
+    connection, one message per readiness, as the daemon does.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(path)
+    listener.listen(64)
+    if blocking:
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                while data := conn.recv(wire.MAX_MESSAGE):
+                    if not data[2] & wire.FLAG_NOREPLY:
+                        conn.send(data[:8])
+    sel = selectors.DefaultSelector()
+    listener.setblocking(False)
+    sel.register(listener, selectors.EVENT_READ, None)
+    while True:
+        for key, _ in sel.select():
+            if key.data is None:
+                with contextlib.suppress(BlockingIOError):
+                    conn, _ = listener.accept()
+                    conn.setblocking(False)
+                    sel.register(conn, selectors.EVENT_READ, conn)
+                continue
+            conn = key.data
+            try:
+                data = conn.recv(wire.MAX_MESSAGE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                sel.unregister(conn)
+                conn.close()
+            elif not data[2] & wire.FLAG_NOREPLY:
+                conn.send(data[:8])
+
+
+def worker(index: int, daemon_path: str, echo_path: str, pipe: Connection) -> None:
+    """One client process of (b): its own connections to the daemon and the echo server.
+
+    Commands on ``pipe``: ``("run", kind, start, duration)`` answers ``("done", pairs,
+    cpu_s)``; ``("stop",)`` closes everything and answers ``("closed", pairs_made)``.
+    """
+    try:
+        gc.disable()
+        client = connect(daemon_path)
+        shared = client.open(OBJECT)
+        offset = (1 + index) * PAGE
+        echo = seqpacket(echo_path)
+        request, posted = echo_messages(shared._handle, offset)
+
+        def broker_pair() -> None:
+            shared.map(offset, PAGE).close()
+
+        def echo_pair() -> None:
+            echo.send(request)
+            echo.recv(wire.MAX_MESSAGE)
+            echo.send(posted)
+
+        made = 0
+        for _ in range(WORKER_WARMUP):
+            broker_pair()
+            echo_pair()
+        made += WORKER_WARMUP
+        pipe.send(("ready", os.getpid()))
+        while True:
+            command = pipe.recv()
+            if command[0] == "stop":
+                break
+            _, kind, start, duration = command
+            op = broker_pair if kind == "broker" else echo_pair
+            end = start + duration
+            sleep_until(start)
+            cpu0 = time.process_time()
+            pairs = 0
+            while time.monotonic() < end:
+                op()
+                pairs += 1
+            pipe.send(("done", pairs, time.process_time() - cpu0))
+            if kind == "broker":
+                made += pairs
+        shared.close()  # a round trip: raises if the daemon refused a posted unmap
+        client.close()
+        echo.close()
+        pipe.send(("closed", made))
+    except BaseException:
+        pipe.send(("error", traceback.format_exc()))
+        raise
+
+
+def receive(pipe: Connection, what: str, timeout: float = 60.0) -> tuple[Any, ...]:
+    """The next message from a worker; RuntimeError if it failed or says nothing."""
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"a worker said nothing for {timeout:g} s while {what}")
+    message: tuple[Any, ...] = pipe.recv()
+    if message[0] == "error":
+        raise RuntimeError(f"a worker failed while {what}:\n{message[1]}")
+    return message
+
+
+@contextlib.contextmanager
+def processes() -> Iterator[list[BaseProcess]]:
+    """Spawned helper processes, terminated on the way out if they are still running."""
+    procs: list[BaseProcess] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+# -- (a) round trip -------------------------------------------------------------------------
+
+
+def time_block(op: Callable[[], object], n: int) -> list[int]:
+    """Run ``op`` once untimed, then ``n`` times, timing each call."""
+    op()
+    clock = time.perf_counter_ns
+    samples = []
+    for _ in range(n):
+        t0 = clock()
+        op()
+        samples.append(clock() - t0)
+    return samples
+
+
+def interleave_blocks(cfg: Config, ops: dict[str, Callable[[], object]]) -> dict[str, list[int]]:
+    """``cfg.blocks`` blocks of each op, rotating which goes first; samples per op."""
+    names = list(ops)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    for i in range(cfg.blocks):
+        for j in range(len(names)):
+            name = names[(i + j) % len(names)]
+            samples[name] += time_block(ops[name], cfg.block)
+    return samples
+
+
+@dataclass
+class Servers:
+    """What (a) and (b) talk to."""
+
+    daemon: DaemonProcess
+    bare: BaseProcess
+    bare_path: str
+    epoll: BaseProcess
+    epoll_path: str
+
+
+def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: SharedAnon) -> Json:
+    """(a): map+unmap through the broker per iteration, against a bare round trip."""
+    log(f"(a) round trip: {cfg.blocks} blocks of {cfg.block} iterations of each kind")
+    body = wire.pack_ranges(shared._handle, [(0, PAGE)])
+    request, posted = echo_messages(shared._handle, 0)
+    bare = seqpacket(servers.bare_path)
+    epoll = seqpacket(servers.epoll_path)
+    raw_fd = os.memfd_create("bench-raw", os.MFD_CLOEXEC)
+    os.ftruncate(raw_fd, PAGE)
+
+    def broker_map_unmap() -> None:
+        m = shared.map(0, PAGE)
+        m.close()
+
+    def broker_protocol() -> None:
+        client.call(wire.Op.MAP, body)
+        client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+
+    def bare_round_trip() -> None:
+        bare.send(request)
+        bare.recv(wire.MAX_MESSAGE)
+
+    def echo_epoll_round_trip() -> None:
+        epoll.send(request)
+        epoll.recv(wire.MAX_MESSAGE)
+
+    def echo_epoll_pair() -> None:
+        epoll.send(request)
+        epoll.recv(wire.MAX_MESSAGE)
+        epoll.send(posted)
+
+    def raw_syscalls() -> None:
+        address = _libc.mmap(0, PAGE, PROT_RW, _libc.MAP_SHARED, raw_fd, 0)
+        _libc.madvise(address, PAGE, _libc.MADV_DONTFORK)
+        _libc.munmap(address, PAGE)
+
+    ops: dict[str, Callable[[], object]] = {
+        "broker_map_unmap": broker_map_unmap,
+        "broker_protocol": broker_protocol,
+        "bare_round_trip": bare_round_trip,
+        "echo_epoll_round_trip": echo_epoll_round_trip,
+        "echo_epoll_pair": echo_epoll_pair,
+        "raw_syscalls": raw_syscalls,
+    }
+    assert servers.bare.pid is not None and servers.epoll.pid is not None
+    try:
+        with gc_paused():
+            warm = Config(cfg.block, max(2, cfg.blocks // 10), cfg.duration_s, cfg.rounds)
+            interleave_blocks(warm, ops)
+            cpu0 = servers.daemon.cpu_s(), cpu_s(servers.bare.pid), cpu_s(servers.epoll.pid)
+            samples = interleave_blocks(cfg, ops)
+            cpu1 = servers.daemon.cpu_s(), cpu_s(servers.bare.pid), cpu_s(servers.epoll.pid)
+    finally:
+        bare.close()
+        epoll.close()
+        os.close(raw_fd)
+    per_kind = cfg.blocks * (cfg.block + 1)  # with each block's untimed first call
+    pairs_made = 2 * (warm.blocks + cfg.blocks) * (cfg.block + 1)
+    med = {name: us(s)[0] for name, s in samples.items()}
+    rows = {
+        name: {
+            "median_us": round(m, 2),
+            "min_us": round(us(samples[name])[1], 2),
+            "mean_us": round(statistics.fmean(samples[name]) / 1e3, 2),
+        }
+        for name, m in med.items()
+    }
+    ratio = med["broker_map_unmap"] / med["bare_round_trip"]
+    mins = {name: us(s)[1] for name, s in samples.items()}
+    return {
+        "what": "per iteration, 4 KiB, one client; broker_map_unmap: SharedAnon.map(0, 4096) + "
+        "Mapping.close(); broker_protocol: Client.call(MAP) + Client.post(UNMAP, "
+        "FLAG_NOREPLY), no mmap; bare_round_trip: a 28-byte request and its 8-byte reply to "
+        "a blocking recv/send echo server; echo_epoll_*: to a selectors echo server "
+        "(_pair: request, reply, a posted message); raw_syscalls: _libc mmap(MAP_SHARED) + "
+        "madvise(MADV_DONTFORK) + munmap of a memfd page",
+        "samples_per_kind": cfg.blocks * cfg.block,
+        "block": cfg.block,
+        **rows,
+        "ratio": round(ratio, 3),
+        "ratio_of_mins": round(mins["broker_map_unmap"] / mins["bare_round_trip"], 3),
+        "target": f"ratio (broker_map_unmap / bare_round_trip, medians) <= {ROUND_TRIP_TARGET:g}",
+        "ok": ratio <= ROUND_TRIP_TARGET,
+        "protocol_ratio": round(med["broker_protocol"] / med["bare_round_trip"], 3),
+        "protocol_vs_echo_pair_ratio": round(med["broker_protocol"] / med["echo_epoll_pair"], 3),
+        "breakdown_us": {
+            "bare_round_trip": round(med["bare_round_trip"], 1),
+            "epoll_server_and_posted_message": round(
+                med["echo_epoll_pair"] - med["bare_round_trip"], 1
+            ),
+            "broker_protocol_beyond_echo_pair": round(
+                med["broker_protocol"] - med["echo_epoll_pair"], 1
+            ),
+            "client_syscalls": round(med["raw_syscalls"], 1),
+            "client_mapper_bookkeeping": round(
+                med["broker_map_unmap"] - med["broker_protocol"] - med["raw_syscalls"], 1
+            ),
+        },
+        "server_cpu_us": {
+            "daemon_per_pair": round((cpu1[0] - cpu0[0]) / (2 * per_kind) * 1e6, 1),
+            "bare_echo_per_round_trip": round((cpu1[1] - cpu0[1]) / per_kind * 1e6, 1),
+            "epoll_echo_per_message": round((cpu1[2] - cpu0[2]) / (3 * per_kind) * 1e6, 1),
+        },
+        "_pairs_made": pairs_made,
+    }
+
+
+# -- (b) throughput -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Round:
+    """One timed run of (b)."""
+
+    pairs: int
+    clients_cpu_s: float
+    server_cpu_s: float
+    server_wait_s: float
+    """Time the server was runnable but waited for a CPU."""
+
+
+def run_round(kind: str, pipes: list[Connection], server_pid: int, duration: float) -> Round:
+    """One timed run of ``len(pipes)`` workers against the server ``server_pid``."""
+    start = time.monotonic() + 0.3
+    for pipe in pipes:
+        pipe.send(("run", kind, start, duration))
+    sleep_until(start)
+    run0, wait0 = sched_s(server_pid)
+    sleep_until(start + duration)
+    run1, wait1 = sched_s(server_pid)
+    done = [receive(pipe, f"running {kind}", duration + 60) for pipe in pipes]
+    return Round(sum(d[1] for d in done), sum(d[2] for d in done), run1 - run0, wait1 - wait0)
+
+
+def bench_throughput(
+    cfg: Config, servers: Servers, procs: list[BaseProcess], pipes: list[Connection]
+) -> Json:
+    """(b): pairs/s with 1 and 8 client processes, broker against the echo server.
+
+    The workers' processes go into ``procs`` and their pipes into ``pipes``: they stay up
+    for (c).
+    """
+    nworkers = max(cfg.clients)
+    log(f"(b) throughput: starting {nworkers} client processes")
+    ctx = mp.get_context("spawn")
+    for i in range(nworkers):
+        ours, theirs = ctx.Pipe()
+        proc = ctx.Process(
+            target=worker,
+            args=(i, servers.daemon.socket_path, servers.epoll_path, theirs),
+            name=f"bench-worker-{i}",
+            daemon=True,
+        )
+        proc.start()
+        procs.append(proc)
+        theirs.close()
+        pipes.append(ours)
+    for pipe in pipes:
+        receive(pipe, "starting", 120)
+    assert servers.daemon.proc is not None and servers.epoll.pid is not None
+    server_pid = {"broker": servers.daemon.proc.pid, "echo": servers.epoll.pid}
+    runs = [(kind, n) for n in cfg.clients for kind in ("broker", "echo")]
+    results: dict[tuple[str, int], list[Round]] = {r: [] for r in runs}
+    for r in range(cfg.rounds):
+        for j in range(len(runs)):
+            kind, n = runs[(r + j) % len(runs)]
+            log(f"(b) round {r + 1}/{cfg.rounds}: {kind}, {n} client(s), {cfg.duration_s:g} s")
+            results[kind, n].append(run_round(kind, pipes[:n], server_pid[kind], cfg.duration_s))
+    rows: Json = {}
+    for n in cfg.clients:
+        row: Json = {"clients": n}
+        rates = {}
+        for kind in ("broker", "echo"):
+            rounds = results[kind, n]
+            per_s = [r.pairs / cfg.duration_s for r in rounds]
+            pairs = sum(r.pairs for r in rounds)
+            rates[kind] = statistics.median(per_s)
+            row[kind] = {
+                "pairs_per_s": round(rates[kind]),
+                "pairs_per_s_rounds": [round(x) for x in per_s],
+                "server_cpu_share": round(
+                    statistics.median(r.server_cpu_s / cfg.duration_s for r in rounds), 2
+                ),
+                "server_wait_share": round(
+                    statistics.median(r.server_wait_s / cfg.duration_s for r in rounds), 2
+                ),
+                "server_cpu_us_per_pair": round(
+                    sum(r.server_cpu_s for r in rounds) / pairs * 1e6, 1
+                ),
+                "clients_cpu_us_per_pair": round(
+                    sum(r.clients_cpu_s for r in rounds) / pairs * 1e6, 1
+                ),
+            }
+        row["ratio"] = round(rates["broker"] / rates["echo"], 3)
+        if n == THROUGHPUT_CLIENTS:
+            row["target"] = f"broker pairs_per_s >= {THROUGHPUT_TARGET}"
+            row["ok"] = rates["broker"] >= THROUGHPUT_TARGET
+        else:
+            row["target"] = None
+            row["ok"] = None
+        rows[f"{n}_clients"] = row
+    return {
+        "what": "client processes (spawned), each its own connection and its own 4 KiB page "
+        "of the one object, looping for a fixed time; broker: SharedAnon.map + "
+        "Mapping.close; echo: request, 8-byte reply, posted message to the selectors echo "
+        "server; pairs_per_s: the median of the rounds; server_cpu_share: the server "
+        "process's CPU time / wall time (1.0 = one core); server_wait_share: the time it "
+        "was runnable but waiting for a CPU / wall time (/proc/PID/schedstat)",
+        "duration_s": cfg.duration_s,
+        "rounds": cfg.rounds,
+        "cpus": os.cpu_count(),
+        **rows,
+    }
+
+
+def stop_workers(pipes: list[Connection]) -> int:
+    """Tell every worker to close and exit; the broker pairs they made in all."""
+    for pipe in pipes:
+        pipe.send(("stop",))
+    return sum(int(receive(pipe, "closing")[1]) for pipe in pipes)
+
+
+# -- (c) verify -----------------------------------------------------------------------------
+
+
+def object_state(client: Client) -> Json:
+    """The object as the daemon's stat shows it."""
+    (info,) = client.stat(OBJECT)
+    state: Json = info
+    return state
+
+
+def check_written_page(shared: SharedAnon, client: Client) -> tuple[int, int]:
+    """Write a page through the broker, close it: resident bytes before and after close."""
+    m = shared.map(0, PAGE)
+    ctypes.memset(m.address, 1, PAGE)
+    written = int(object_state(client)["resident_bytes"])
+    m.close()
+    return written, int(object_state(client)["resident_bytes"])  # stat: after the UNMAP
+
+
+# -- the run --------------------------------------------------------------------------------
+
+
+def git(*args: str) -> str:
+    """Output of a git command in this repository ("" if it fails)."""
+    repo = Path(__file__).resolve().parent.parent
+    run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 else ""
+
+
+def machine() -> Json:
+    """What ran the benchmark, and how busy it was."""
+    model, hypervisor = "", False
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                hypervisor = hypervisor or "hypervisor" in line.split()
+    return {
+        "kernel": platform.release(),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "hypervisor": hypervisor,
+        "python": platform.python_version(),
+        "page_size": PAGE,
+        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
+        "devanon_commit": git("rev-parse", "--short", "HEAD")
+        + ("+uncommitted-src" if git("status", "--porcelain", "src") else ""),
+    }
+
+
+def all_ok(node: object) -> bool:
+    """True unless some ``ok`` in the tree is False (``None``: no target)."""
+    if isinstance(node, dict):
+        return node.get("ok") is not False and all(all_ok(v) for v in node.values())
+    if isinstance(node, list):
+        return all(all_ok(v) for v in node)
+    return True
+
+
+def run(cfg: Config, directory: Path, result: Json) -> None:
+    """Everything between starting the servers and stopping them; fills ``result``."""
+    ctx = mp.get_context("spawn")
+    with running_daemon(directory) as daemon, processes() as procs:
+        result["daemon"] = daemon.exit  # filled in when it stops
+        bare_path, epoll_path = str(directory / "bare.sock"), str(directory / "epoll.sock")
+        bare = ctx.Process(target=echo_server, args=(bare_path, True), daemon=True)
+        epoll = ctx.Process(target=echo_server, args=(epoll_path, False), daemon=True)
+        for proc in (bare, epoll):
+            proc.start()
+            procs.append(proc)
+        servers = Servers(daemon, bare, bare_path, epoll, epoll_path)
+        with connect(daemon.socket_path) as client:
+            shared = client.open(OBJECT, OBJECT_SIZE, create=True)
+            round_trip = bench_round_trip(cfg, servers, client, shared)
+            pairs_made = round_trip.pop("_pairs_made")
+            result["round_trip"] = round_trip
+            pipes: list[Connection] = []
+            result["throughput"] = bench_throughput(cfg, servers, procs, pipes)
+            log("(c) verify")
+            # While the workers are still connected (nothing mapped): the daemon's counts
+            # against every client's /proc/PID/maps, and one punch per pair made.
+            differences = client.verify(OBJECT)
+            live = object_state(client)
+            pairs_made += stop_workers(pipes)
+            written, after_close = check_written_page(shared, client)
+            pairs_made += 1
+            counts = [shared.map_count(i * PAGE) for i in range(1 + len(pipes))]
+            final = object_state(client)
+            shared.close()
+        result["verify"] = {
+            "what": "after (a) and (b): the daemon's counts against the clients' "
+            "/proc/PID/maps (workers still connected); punch_calls against the pairs made; "
+            "then, workers gone, every page's count, the runs, mapped and resident bytes; "
+            "and a page written then closed",
+            "differences_while_connected": differences,
+            "clients_holding_bytes_while_connected": [
+                c for c in live["clients"] if c["mapped_bytes"]
+            ],
+            "pairs_made": pairs_made,
+            "punch_calls": final["punch_calls"],
+            "freed_bytes": final["freed_bytes"],
+            "map_counts_of_used_pages": counts,
+            "count_runs": final["count_runs"],
+            "mapped_bytes": final["mapped_bytes"],
+            "resident_bytes": final["resident_bytes"],
+            "resident_bytes_written_page": written,
+            "resident_bytes_after_its_close": after_close,
+            "clients_left": len(final["clients"]),
+            "target": "no differences, punch_calls == pairs_made, every count 0, one run, "
+            "mapped and resident bytes 0",
+            "ok": not differences
+            and final["punch_calls"] == pairs_made
+            and not any(counts)
+            and final["count_runs"] == 1
+            and final["mapped_bytes"] == 0
+            and final["resident_bytes"] == 0
+            and written == PAGE
+            and after_close == 0,
+        }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every benchmark and print the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke check)")
+    parser.add_argument("-o", "--output", type=Path, help="also write the JSON to this file")
+    args = parser.parse_args(argv)
+    cfg = QUICK if args.quick else FULL
+    # SIGTERM (like Ctrl-C) unwinds, so that the daemon and helpers are stopped on the way.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    start = time.perf_counter()
+    result: Json = {"benchmark": "devanon broker", "quick": args.quick, "machine": machine()}
+    with tempfile.TemporaryDirectory(prefix="devanon-bench-") as tmp:
+        run(cfg, Path(tmp), result)
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["all_ok"] = all_ok(result)
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        args.output.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

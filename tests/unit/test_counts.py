@@ -1,0 +1,259 @@
+"""MapCounts against a plain model, over random add/remove sequences in a 1 TiB space.
+
+2**28 pages of 4 KiB cannot be enumerated, so the model is the multiset of ranges that are
+added now: a page's count is how many of them contain it (``model_count``). Counts form a
+step function that can only change at a range's boundary, so evaluating the model at every
+boundary gives all of it (``model_runs``). After every step the whole of
+``MapCounts.runs()`` is compared with that, along with ``count()`` at every page a step
+touched and its neighbours.
+
+``fragment`` lays down many small ranges at once, so that later adds and removes span more
+than ``counts._VECTOR_RUNS`` runs and take the numpy path.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+
+import pytest
+from hypothesis import event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from devanon import counts as counts_module
+from devanon.counts import MapCounts
+
+NPAGES = 2**28  # 1 TiB of 4 KiB pages
+
+Range = tuple[int, int]
+
+# Boundaries from a few small clusters collide often (overlaps, shared edges, neighbours),
+# plus anywhere in the space and its very ends.
+points = st.one_of(
+    st.integers(0, 40),
+    st.integers(NPAGES // 2 - 20, NPAGES // 2 + 20),
+    st.integers(NPAGES - 40, NPAGES),
+    st.integers(0, NPAGES),
+)
+pages = points.map(lambda p: min(p, NPAGES - 1))
+times = st.sampled_from([1, 1, 1, 2, 3])
+
+
+def _as_range(ends: tuple[int, int]) -> Range:
+    a, b = sorted(ends)
+    if a == b:  # empty: widen by one page, inside the space
+        return (a, a + 1) if a < NPAGES else (a - 1, a)
+    return a, b
+
+
+ranges = st.tuples(points, points).map(_as_range)
+
+
+def model_count(intervals: list[Range], page: int) -> int:
+    return sum(a <= page < b for a, b in intervals)
+
+
+def model_runs(intervals: list[Range]) -> list[tuple[int, int, int]]:
+    """``(start, stop, count)`` over the whole space, maximally merged.
+
+    A sweep: the count steps up by one at each range's start and down at its stop.
+    """
+    steps = collections.Counter[int]()
+    for a, b in intervals:
+        steps[a] += 1
+        steps[b] -= 1
+    cuts = sorted({0, NPAGES, *steps})
+    runs: list[tuple[int, int, int]] = []
+    c = 0
+    for a, b in itertools.pairwise(cuts):
+        c += steps[a]
+        if runs and runs[-1][2] == c:
+            runs[-1] = (runs[-1][0], b, c)
+        else:
+            runs.append((a, b, c))
+    return runs
+
+
+def model_zeros(intervals: list[Range], start: int, stop: int) -> list[Range]:
+    """The pages of ``[start, stop)`` with count 0, coalesced and sorted."""
+    out: list[Range] = []
+    for a, b, c in model_runs(intervals):
+        a, b = max(a, start), min(b, stop)
+        if c == 0 and a < b:
+            out.append((a, b))
+    return out
+
+
+class CountsMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts = MapCounts(NPAGES)
+        self.intervals: list[Range] = []  # added now, a multiset (n counts: n copies)
+        self.probes: set[int] = {0, NPAGES - 1}
+
+    # -- the model -----------------------------------------------------------------------
+
+    def _take(self, start: int, stop: int) -> None:
+        """One count less on every page of ``[start, stop)``: at each position, cut the
+        part that covers it out of one added range (any one: counts only see how many)."""
+        pos = start
+        while pos < stop:
+            k = next(i for i, (a, b) in enumerate(self.intervals) if a <= pos < b)
+            a, b = self.intervals.pop(k)
+            end = min(b, stop)
+            if a < pos:
+                self.intervals.append((a, pos))
+            if end < b:
+                self.intervals.append((end, b))
+            pos = end
+
+    def _touch(self, start: int, stop: int) -> None:
+        self.probes.update((start, stop - 1, max(0, start - 1), min(NPAGES - 1, stop)))
+
+    def _add(self, start: int, stop: int, n: int) -> None:
+        runs_spanned = len(list(self.counts.runs(start, stop)))
+        if runs_spanned > counts_module._VECTOR_RUNS:
+            event("add spans enough runs for the numpy path")
+        self.counts.add(start, stop, n)
+        self.intervals += [(start, stop)] * n
+        self._touch(start, stop)
+
+    def _remove(self, start: int, stop: int, n: int = 1) -> None:
+        """A remove that must succeed: returns exactly the pages that fell to zero."""
+        runs_spanned = len(list(self.counts.runs(start, stop)))
+        if runs_spanned > counts_module._VECTOR_RUNS:
+            event("remove spans enough runs for the numpy path")
+        zeros = self.counts.remove(start, stop, n)
+        for _ in range(n):
+            self._take(start, stop)
+        expected = model_zeros(self.intervals, start, stop)
+        assert zeros == expected
+        if len(zeros) > 1:
+            event("remove returned several zero ranges")
+        self._touch(start, stop)
+
+    def _mapped_stretches(self, at_least: int) -> list[Range]:
+        """Maximal ranges whose every page has a count of at least ``at_least``."""
+        out: list[Range] = []
+        for a, b, c in model_runs(self.intervals):
+            if c < at_least:
+                continue
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        return out
+
+    # -- rules ---------------------------------------------------------------------------
+
+    @initialize(r=ranges)
+    def first(self, r: Range) -> None:
+        self._add(*r, 1)
+
+    @rule(r=ranges, n=times)
+    def add(self, r: Range, n: int) -> None:
+        self._add(*r, n)
+
+    @rule(base=points, k=st.integers(17, 40), gap=st.integers(1, 3))
+    def fragment(self, base: int, k: int, gap: int) -> None:
+        """A covering range, then ``k`` small ranges on it: up to 2k+1 runs."""
+        base = min(base, NPAGES - k * (gap + 1))
+        self._add(base, base + k * (gap + 1), 1)
+        for i in range(k):
+            self._add(base + i * (gap + 1), base + i * (gap + 1) + 1 + (i % 2) * (gap > 1), 1)
+
+    @precondition(lambda self: self.intervals)
+    @rule(data=st.data(), n=times)
+    def remove_inside_a_mapped_stretch(self, data: st.DataObject, n: int) -> None:
+        """Remove a sub-range of a stretch whose pages all have ``n`` counts (may span runs)."""
+        stretches = self._mapped_stretches(n)
+        if not stretches:
+            n, stretches = 1, self._mapped_stretches(1)
+        lo, hi = data.draw(st.sampled_from(stretches), label="stretch")
+        # Anywhere in the stretch, or at a page some earlier step touched.
+        near = sorted(p for p in self.probes | {lo} if lo <= p < hi)
+        start = data.draw(st.integers(lo, hi - 1) | st.sampled_from(near), label="start")
+        near = sorted(p + 1 for p in self.probes | {hi - 1} if start <= p < hi)
+        stop = data.draw(st.integers(start + 1, hi) | st.sampled_from(near), label="stop")
+        self._remove(start, stop, n)
+
+    @precondition(lambda self: self.intervals)
+    @rule(data=st.data())
+    def remove_an_added_range(self, data: st.DataObject) -> None:
+        self._remove(*data.draw(st.sampled_from(self.intervals), label="range"))
+
+    @rule(r=ranges, n=times)
+    def remove_anything(self, r: Range, n: int) -> None:
+        """A range that may hold a page with fewer than ``n`` counts: then ValueError, and
+        nothing changes."""
+        start, stop = r
+        low = min(c for a, b, c in model_runs(self.intervals) if a < stop and b > start)
+        if low >= n:
+            self._remove(start, stop, n)
+            return
+        event("remove refused")
+        before = list(self.counts.runs())
+        with pytest.raises(ValueError, match="is not mapped"):
+            self.counts.remove(start, stop, n)
+        assert list(self.counts.runs()) == before
+
+    @rule(page=pages)
+    def probe(self, page: int) -> None:
+        assert self.counts.count(page) == model_count(self.intervals, page)
+
+    # -- invariants ----------------------------------------------------------------------
+
+    @invariant()
+    def runs_match_the_model(self) -> None:
+        runs = list(self.counts.runs())
+        assert runs == model_runs(self.intervals)
+        assert all(x[2] != y[2] for x, y in itertools.pairwise(runs)), "neighbours not merged"
+        assert self.counts.nruns() == len(runs)
+        assert self.counts.mapped_pages() == sum(b - a for a, b, c in runs if c)
+        assert self.counts.zero_ranges() == [(a, b) for a, b, c in runs if c == 0]
+        assert self.counts.diff(MapCounts(NPAGES)) == [(a, b, c, 0) for a, b, c in runs if c]
+
+    @invariant()
+    def counts_match_at_probes(self) -> None:
+        runs = model_runs(self.intervals)
+        starts = [a for a, _, _ in runs]
+        for page in self.probes:
+            expected = runs[bisect.bisect_right(starts, page) - 1][2]
+            assert self.counts.count(page) == expected, page
+
+    @invariant()
+    def memory_is_small(self) -> None:
+        # 16 bytes a run, plus the arrays' over-allocation: nothing per page.
+        assert self.counts.nbytes() <= 16 * (2 * self.counts.nruns() + 32)
+
+
+CountsMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
+TestCounts = CountsMachine.TestCase
+
+
+def test_empty_tib_costs_one_run() -> None:
+    counts = MapCounts(NPAGES)
+    assert list(counts.runs()) == [(0, NPAGES, 0)]
+    assert counts.nbytes() < 64
+
+
+def test_whole_space_round_trip() -> None:
+    counts = MapCounts(NPAGES)
+    counts.add(0, NPAGES)
+    counts.add(5, 7)
+    assert counts.remove(0, NPAGES) == [(0, 5), (7, NPAGES)]
+    assert counts.remove(5, 7) == [(5, 7)]
+    assert list(counts.runs()) == [(0, NPAGES, 0)]
+
+
+@pytest.mark.parametrize(("start", "stop"), [(-1, 1), (3, 3), (4, 2), (0, NPAGES + 1)])
+def test_bad_ranges_raise(start: int, stop: int) -> None:
+    counts = MapCounts(NPAGES)
+    counts.add(0, 10)
+    before = list(counts.runs())
+    for call in (counts.add, counts.remove):
+        with pytest.raises(ValueError, match=rf"\[{start}, {stop}\)"):
+            call(start, stop)
+    assert list(counts.runs()) == before
