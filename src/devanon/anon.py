@@ -104,10 +104,6 @@ class Anon(Mapper):
         self._closer = weakref.finalize(self, os.close, self.fd)
         _forking.track(self)
 
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
     def map_count(self, offset: int) -> int:
         """How many times the page holding ``offset`` is mapped."""
         offset = _checks.integer("offset", offset)
@@ -216,6 +212,14 @@ class Anon(Mapper):
     def _gain(self, ranges: list[PageRange]) -> None:
         for first, last in ranges:
             self._counts.add(first, last)
+
+    def _gain_one(self, first: int, last: int) -> None:
+        self._counts.add(first, last)
+
+    def _lose_one(self, first: int, last: int) -> None:
+        zeros = self._counts.remove(first, last)
+        if zeros and not self._closing:
+            self._punch(zeros)
 
     def _lose(self, ranges: list[PageRange]) -> None:
         zeros: list[PageRange] = []

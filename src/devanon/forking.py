@@ -38,6 +38,9 @@ class Forkable(Protocol):
     @property
     def closed(self) -> bool: ...
 
+    def _prepare_fork(self) -> None:
+        """In the parent, just before fork: keep uninherited mappings from the child."""
+
     def _forked(self, lifeline: int) -> None:
         """In the parent, after fork: pin what the child inherited; owns ``lifeline``."""
 
@@ -105,6 +108,8 @@ def _before() -> None:
     for obj in list(_live):
         obj._lock.acquire()
         _held.append((obj, None if obj.closed else os.pipe2(os.O_CLOEXEC)))
+        if not obj.closed:
+            obj._prepare_fork()
 
 
 def _after_in_parent() -> None:

@@ -25,6 +25,7 @@ Facts the code relies on:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -44,7 +45,7 @@ class _Segment:
     inherited piece of a shared object: the parent pinned it).
     """
 
-    __slots__ = ("counted", "overlay", "owner", "start", "stop")
+    __slots__ = ("counted", "forkmark", "overlay", "owner", "start", "stop")
 
     def __init__(
         self, start: int, stop: int, owner: Mapping, overlay: Overlay | None, counted: bool = True
@@ -54,6 +55,8 @@ class _Segment:
         self.owner = owner
         self.overlay = overlay
         self.counted = counted
+        self.forkmark = False
+        """True once MADV_DONTFORK was applied to this piece (see ``_prepare_fork``)."""
 
 
 class Mapping:
@@ -216,9 +219,9 @@ class Mapper(ABC):
     # -- what subclasses provide -----------------------------------------------------------
 
     @property
-    @abstractmethod
     def closed(self) -> bool:
-        """True once the object is closed."""
+        """True once the object is closed (its descriptor is gone)."""
+        return self.fd < 0
 
     @abstractmethod
     def _gain(self, ranges: list[PageRange]) -> None:
@@ -227,6 +230,14 @@ class Mapper(ABC):
     @abstractmethod
     def _lose(self, ranges: list[PageRange]) -> None:
         """Pages just unmapped: each range loses one count (and is freed at zero)."""
+
+    def _gain_one(self, first: int, last: int) -> None:
+        """``_gain`` of one range (subclasses may make it shorter: it is the hot path)."""
+        self._gain([(first, last)])
+
+    def _lose_one(self, first: int, last: int) -> None:
+        """``_lose`` of one range (subclasses may make it shorter: it is the hot path)."""
+        self._lose([(first, last)])
 
     @abstractmethod
     def _before_op(self) -> None:
@@ -267,11 +278,26 @@ class Mapper(ABC):
                 f"cannot map {self.name!r} writable: this descriptor is read-only"
             )
         prot = _libc.PROT_READ | (_libc.PROT_WRITE if writable else 0)
-        pages = [(offset // ps, (offset + length) // ps)]
+        first, last = offset // ps, (offset + length) // ps
         with self._lock:
-            if self.closed:
+            if self.fd < 0:
                 self._check_open()
             self._before_op()
+            if address is None:  # the hot path, kept short
+                self._gain_one(first, last)
+                try:
+                    address = _libc.mmap(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
+                except OSError as e:
+                    self._lose_one(first, last)
+                    raise self._mmap_error(e) from None
+                mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
+                mapping._pieces = 1
+                k = bisect_left(self._starts, address)
+                self._segments.insert(k, _Segment(address, address + length, mapping, None))
+                self._starts.insert(k, address)
+                self._nmappings += 1
+                return mapping
+            pages = [(first, last)]
             replaced: list[_Segment] = []
             if address is not None:
                 self._check_owned(address, length)
@@ -283,11 +309,7 @@ class Mapper(ABC):
                         )
             self._gain(pages)
             try:
-                if address is None:
-                    address = self._mmap(0, length, prot, _libc.MAP_SHARED, offset, inherit)
-                else:
-                    flags = _libc.MAP_SHARED | _libc.MAP_FIXED
-                    self._mmap(address, length, prot, flags, offset, inherit)
+                self._mmap(address, length, prot, _libc.MAP_SHARED | _libc.MAP_FIXED, offset)
             except BaseException:
                 self._lose(pages)
                 raise
@@ -356,7 +378,7 @@ class Mapper(ABC):
                 overlay = Overlay(self, address, label, file_offset, length, bool(writable))
                 lost: list[PageRange] = []
                 for seg in pieces:
-                    self._advise_fork(seg.start, seg.stop - seg.start, seg.owner.inherit)
+                    seg.forkmark = False  # a new VMA
                     if seg.overlay is None:
                         if seg.counted:
                             lost.append(self._seg_pages(seg))
@@ -420,6 +442,7 @@ class Mapper(ABC):
         if not seg.start < address < seg.stop:
             return
         tail = _Segment(address, seg.stop, seg.owner, seg.overlay, seg.counted)
+        tail.forkmark = seg.forkmark
         seg.stop = address
         self._segments.insert(k + 1, tail)
         self._starts.insert(k + 1, address)
@@ -494,22 +517,17 @@ class Mapper(ABC):
         done.extend(run)
         run.clear()
 
-    def _mmap(
-        self, address: int, length: int, prot: int, flags: int, offset: int, inherit: bool
-    ) -> int:
+    def _mmap(self, address: int, length: int, prot: int, flags: int, offset: int) -> int:
         try:
-            address = _libc.mmap(address, length, prot, flags, self.fd, offset)
+            return _libc.mmap(address, length, prot, flags, self.fd, offset)
         except OSError as e:
-            if self.hugepages:
-                raise _checks.hugepage_hint(e) from None
-            raise _checks.max_map_count_hint(e) from None
-        self._advise_fork(address, length, inherit)
-        return address
+            raise self._mmap_error(e) from None
 
-    def _advise_fork(self, address: int, length: int, inherit: bool) -> None:
-        """MADV_DONTFORK unless ``inherit``: see ``devanon.forking``."""
-        if not inherit:
-            _libc.madvise(address, length, _libc.MADV_DONTFORK)
+    def _mmap_error(self, err: OSError) -> OSError:
+        """ENOMEM from mmap, explained: the huge page pool, or vm.max_map_count."""
+        if self.hugepages:
+            return _checks.hugepage_hint(err)
+        return _checks.max_map_count_hint(err)
 
     def _unmap_all(self) -> None:
         """Unmap every mapping and overlay (closing)."""
@@ -542,13 +560,13 @@ class Mapper(ABC):
 
     def _close_mapping(self, mapping: Mapping) -> None:
         with self._lock:
-            if self.closed:
+            if self.fd < 0:
                 self._check_open()
             if mapping._pieces == 0:
                 raise ValueError(f"{mapping!r} is already closed")
             self._before_op()
-            if mapping._pieces == 1 and not mapping._has_views():
-                # The common case, kept short: one whole segment, no overlay, no view.
+            if mapping._pieces == 1 and (mapping._views is None or not mapping._views.live):
+                # The hot path, kept short: one whole segment, no overlay, no view.
                 k = bisect_left(self._starts, mapping.address)
                 seg = self._segments[k]
                 if (
@@ -557,12 +575,16 @@ class Mapper(ABC):
                     and seg.counted
                     and seg.stop - seg.start == mapping.length
                 ):
-                    self._munmap_run([seg], [])
+                    try:
+                        _libc.munmap(seg.start, mapping.length)
+                    except OSError as e:
+                        raise _checks.max_map_count_hint(e) from None
                     del self._segments[k]
                     del self._starts[k]
                     mapping._pieces = 0
                     self._nmappings -= 1
-                    self._lose([self._seg_pages(seg)])
+                    ps = self.page_size
+                    self._lose_one(mapping.offset // ps, (mapping.offset + mapping.length) // ps)
                     return
             lo = bisect_left(self._starts, mapping.address)
             hi = bisect_left(self._starts, mapping.address + mapping.length)
@@ -599,17 +621,42 @@ class Mapper(ABC):
                         prot,
                         _libc.MAP_SHARED | _libc.MAP_FIXED,
                         owner.offset_of(seg.start),
-                        owner.inherit,
                     )
                 except BaseException:
                     self._lose(pages)
                     raise
                 seg.overlay = None
                 seg.counted = True
+                seg.forkmark = False
                 overlay._pieces -= 1
             self._discard_overlay(overlay)
 
     # -- fork (devanon.forking holds the lock from before fork() to after) ------------------
+
+    def _prepare_fork(self) -> None:
+        """Just before fork(): MADV_DONTFORK on every piece not made with ``inherit=True``.
+
+        Done here, once per piece, rather than at every map: it saves a syscall on the hot
+        path. A fork from C code that skips Python's fork hooks (and does not exec) would
+        therefore keep uncounted copies; ``os.fork``, ``multiprocessing`` and ``subprocess``
+        are fine. Should madvise fail (ENOMEM at vm.max_map_count), the child unmaps the
+        copies itself (``_drop_uninherited``).
+        """
+        runs: list[list[_Segment]] = []
+        for seg in self._segments:
+            if seg.owner.inherit or seg.forkmark:
+                continue
+            if runs and runs[-1][-1].stop == seg.start:
+                runs[-1].append(seg)  # neighbours: one call
+            else:
+                runs.append([seg])
+        for run in runs:
+            try:
+                _libc.madvise(run[0].start, run[-1].stop - run[0].start, _libc.MADV_DONTFORK)
+            except OSError:
+                continue
+            for seg in run:
+                seg.forkmark = True
 
     def _inherited_pages(self) -> list[PageRange]:
         """The counted pages of inherited mappings (a child gets these)."""
@@ -626,6 +673,8 @@ class Mapper(ABC):
         """
         lost: list[PageRange] = []
         for seg in [s for s in self._segments if not s.owner.inherit]:
-            seg.owner._retire(seg.start, seg.stop - seg.start)
+            if not seg.owner._retire(seg.start, seg.stop - seg.start) and not seg.forkmark:
+                with contextlib.suppress(OSError):  # MADV_DONTFORK failed: unmap our copy
+                    _libc.munmap(seg.start, seg.stop - seg.start)
             lost += self._forget([seg])
         return lost
