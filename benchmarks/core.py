@@ -180,12 +180,10 @@ def devanon_cycle(anon: devanon.Anon, size: int) -> int:
     return time.perf_counter_ns() - t0
 
 
-def raw_cycle(fd: int, size: int, *, dontfork: bool = False) -> int:
-    """Time the same with the raw syscalls (``dontfork``: plus devanon's madvise)."""
+def raw_cycle(fd: int, size: int) -> int:
+    """Time the same with the raw syscalls."""
     t0 = time.perf_counter_ns()
     address = _libc.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
-    if dontfork:
-        _libc.madvise(address, size, _libc.MADV_DONTFORK)
     ctypes.memset(address, 1, size)
     _libc.munmap(address, size)
     _libc.fallocate(fd, PUNCH, 0, size)
@@ -203,14 +201,12 @@ def bench_map_write_unmap(cfg: Config) -> Json:
             with devanon.Anon(size, name="bench-devanon") as anon, gc_paused():
                 timers = [partial(devanon_cycle, anon, size), partial(raw_cycle, fd, size)]
                 if size < cfg.big:
-                    # Diagnostic: raw plus the one extra syscall Anon.map makes.
-                    timers.append(partial(raw_cycle, fd, size, dontfork=True))
                     interleave(max(1, reps // 10), *timers)  # warm-up
                 else:
                     # Warm the pages the kernel will hand out: under free page reporting,
                     # pages long free fault in the host too.
                     raw_cycle(fd, size)
-                dev, raw, *extra = interleave(reps, *timers)
+                dev, raw = interleave(reps, *timers)
                 left = anon.resident_bytes(), resident(fd)
         finally:
             os.close(fd)
@@ -232,9 +228,6 @@ def bench_map_write_unmap(cfg: Config) -> Json:
                 "ratio_of_mins": round(dev_min / raw_min, 3),
                 "target": None if target is None else f"ratio <= {target}",
                 "ok": None if target is None else ratio <= target,
-                "diagnostic_raw_plus_madvise_dontfork_us": (
-                    round(us(extra[0])[0], 2) if extra else None
-                ),
             }
         )
         if size == cfg.big:
@@ -242,8 +235,8 @@ def bench_map_write_unmap(cfg: Config) -> Json:
     return {
         "what": "map + ctypes.memset of every byte + unmap + punch; devanon: Anon.map, "
         "Mapping.close; raw: _libc.mmap(MAP_SHARED) of a memfd, munmap, one "
-        "fallocate(PUNCH_HOLE). Diagnostic (no target): raw plus the madvise(MADV_DONTFORK) "
-        "that Anon.map adds",
+        "fallocate(PUNCH_HOLE). devanon makes the same syscalls (MADV_DONTFORK waits for a "
+        "fork)",
         "sizes": rows,
     }
 

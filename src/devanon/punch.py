@@ -21,6 +21,7 @@ PUNCH_BATCH = 128 << 20
 """The most one fallocate call punches."""
 
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
+_PUNCH = _libc.FALLOC_FL_PUNCH_HOLE | _libc.FALLOC_FL_KEEP_SIZE
 
 
 @dataclass(slots=True, frozen=True)
@@ -59,21 +60,22 @@ def punch_range(fd: int, offset: int, length: int, *, name: str = "") -> int:
     No argument checks: the caller (Anon, punch_hole) has made them. Raises OSError with
     EOPNOTSUPP and the filesystem's name where the file cannot have holes.
     """
-    calls = 0
+    if length <= PUNCH_BATCH:  # the common case: one call
+        _punch_once(fd, offset, length, name)
+        return 1
     end = offset + length
-    while offset < end:
-        step = min(PUNCH_BATCH, end - offset)
-        try:
-            _libc.fallocate(
-                fd, _libc.FALLOC_FL_PUNCH_HOLE | _libc.FALLOC_FL_KEEP_SIZE, offset, step
-            )
-        except OSError as e:
-            if e.errno not in _NOT_SUPPORTED:
-                raise
-            _remove_through_mapping(fd, offset, step, name, e)
-        calls += 1
-        offset += step
-    return calls
+    for start in range(offset, end, PUNCH_BATCH):
+        _punch_once(fd, start, min(PUNCH_BATCH, end - start), name)
+    return -(-length // PUNCH_BATCH)
+
+
+def _punch_once(fd: int, offset: int, length: int, name: str) -> None:
+    try:
+        _libc.fallocate(fd, _PUNCH, offset, length)
+    except OSError as e:
+        if e.errno not in _NOT_SUPPORTED:
+            raise
+        _remove_through_mapping(fd, offset, length, name, e)
 
 
 def _remove_through_mapping(fd: int, offset: int, length: int, name: str, cause: OSError) -> None:
