@@ -27,6 +27,12 @@ def add_commands(commands: Any) -> None:
         help="socket permissions, octal (0600: the owner alone)",
     )
     serve.add_argument("--socket-group", help="group to own the socket")
+    serve.add_argument(
+        "--spin-us",
+        type=float,
+        default=200.0,
+        help="poll without sleeping this long after a request (0: always sleep)",
+    )
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1")
     serve.add_argument("--metrics-textfile", help="write Prometheus metrics to this file")
     serve.set_defaults(run=_serve)
@@ -44,7 +50,12 @@ def add_commands(commands: Any) -> None:
 def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="devanon serve: %(message)s")
     path = args.socket or default_socket_path()
-    daemon = Daemon(path, socket_mode=args.socket_mode, socket_group=args.socket_group)
+    daemon = Daemon(
+        path,
+        socket_mode=args.socket_mode,
+        socket_group=args.socket_group,
+        spin=args.spin_us * 1e-6,
+    )
     daemon.install_signal_handlers()
     if args.metrics_port is not None or args.metrics_textfile is not None:
         from devanon.broker.metrics import export
