@@ -443,6 +443,21 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
         bare.send(request)
         bare.recv(wire.MAX_MESSAGE)
 
+    def bare_round_trip_polling() -> None:
+        # The same, waiting for the reply as devanon's client does: polling for 200 us
+        # before sleeping (a sleeping process takes ~100 us to wake on this VM).
+        bare.send(request)
+        deadline = time.perf_counter() + 200e-6
+        while True:
+            try:
+                bare.recv(wire.MAX_MESSAGE, socket.MSG_DONTWAIT)
+                return
+            except BlockingIOError:
+                if time.perf_counter() > deadline:
+                    break
+                os.sched_yield()
+        bare.recv(wire.MAX_MESSAGE)
+
     def echo_epoll_round_trip() -> None:
         epoll.send(request)
         epoll.recv(wire.MAX_MESSAGE)
@@ -454,13 +469,13 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
 
     def raw_syscalls() -> None:
         address = _libc.mmap(0, PAGE, PROT_RW, _libc.MAP_SHARED, raw_fd, 0)
-        _libc.madvise(address, PAGE, _libc.MADV_DONTFORK)
         _libc.munmap(address, PAGE)
 
     ops: dict[str, Callable[[], object]] = {
         "broker_map_unmap": broker_map_unmap,
         "broker_protocol": broker_protocol,
         "bare_round_trip": bare_round_trip,
+        "bare_round_trip_polling": bare_round_trip_polling,
         "echo_epoll_round_trip": echo_epoll_round_trip,
         "echo_epoll_pair": echo_epoll_pair,
         "raw_syscalls": raw_syscalls,
@@ -488,23 +503,30 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
         }
         for name, m in med.items()
     }
-    ratio = med["broker_map_unmap"] / med["bare_round_trip"]
+    # The baseline is the faster of the two ways to wait for a bare reply.
+    bare_key = min(("bare_round_trip", "bare_round_trip_polling"), key=lambda k: med[k])
+    med["bare"] = med[bare_key]
+    ratio = med["broker_map_unmap"] / med["bare"]
     mins = {name: us(s)[1] for name, s in samples.items()}
+    mins["bare"] = min(mins["bare_round_trip"], mins["bare_round_trip_polling"])
     return {
         "what": "per iteration, 4 KiB, one client; broker_map_unmap: SharedAnon.map(0, 4096) + "
         "Mapping.close(); broker_protocol: Client.call(MAP) + Client.post(UNMAP, "
         "FLAG_NOREPLY), no mmap; bare_round_trip: a 28-byte request and its 8-byte reply to "
-        "a blocking recv/send echo server; echo_epoll_*: to a selectors echo server "
+        "a blocking recv/send echo server (_polling: the client polls 200 us before it "
+        "sleeps, as devanon's does; the ratio uses the faster of the two); echo_epoll_*: "
+        "to a selectors echo server "
         "(_pair: request, reply, a posted message); raw_syscalls: _libc mmap(MAP_SHARED) + "
-        "madvise(MADV_DONTFORK) + munmap of a memfd page",
+        "munmap of a memfd page",
         "samples_per_kind": cfg.blocks * cfg.block,
         "block": cfg.block,
         **rows,
         "ratio": round(ratio, 3),
-        "ratio_of_mins": round(mins["broker_map_unmap"] / mins["bare_round_trip"], 3),
-        "target": f"ratio (broker_map_unmap / bare_round_trip, medians) <= {ROUND_TRIP_TARGET:g}",
+        "baseline": bare_key,
+        "ratio_of_mins": round(mins["broker_map_unmap"] / mins["bare"], 3),
+        "target": f"ratio (broker_map_unmap / bare, medians) <= {ROUND_TRIP_TARGET:g}",
         "ok": ratio <= ROUND_TRIP_TARGET,
-        "protocol_ratio": round(med["broker_protocol"] / med["bare_round_trip"], 3),
+        "protocol_ratio": round(med["broker_protocol"] / med["bare"], 3),
         "protocol_vs_echo_pair_ratio": round(med["broker_protocol"] / med["echo_epoll_pair"], 3),
         "breakdown_us": {
             "bare_round_trip": round(med["bare_round_trip"], 1),

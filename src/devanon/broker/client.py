@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +57,9 @@ def _raise(code: int, message: str) -> None:
 class Client:
     """One connection to the daemon. Thread-safe; a forked child reconnects on first use."""
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, *, spin: float = 200e-6) -> None:
         self.path = path or default_socket_path()
+        self.spin = spin
         self._lock = threading.RLock()
         self._seq = 0
         self._late_errors: list[str] = []
@@ -131,7 +133,7 @@ class Client:
         buf = self._reply
         while True:
             try:
-                n, ancillary, _, _ = self._sock.recvmsg_into([buf], wire.ANCILLARY)
+                n, ancillary = self._receive(buf)
             except OSError as e:
                 raise self._gone(e.strerror) from None
             rfds = wire.descriptors(ancillary) if ancillary else []
@@ -153,6 +155,21 @@ class Client:
                 continue
             (code,) = wire.ERROR.unpack_from(buf, wire.REPLY.size)
             _raise(code, text)
+
+    def _receive(self, buf: bytearray) -> tuple[int, list[tuple[int, int, bytes]]]:
+        """The next reply. Polls without sleeping for ``spin`` seconds first: the daemon
+        answers in ~20 us, and waking a sleeping process costs ~100 us on a virtual machine."""
+        sock, deadline = self._sock, time.perf_counter() + self.spin
+        while True:
+            try:
+                n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY, socket.MSG_DONTWAIT)
+                return n, ancillary
+            except BlockingIOError:
+                if time.perf_counter() > deadline:
+                    break
+                os.sched_yield()  # let the daemon have this CPU if it is waiting for one
+        n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY)
+        return n, ancillary
 
     def _gone(self, why: str | None) -> BrokerError:
         return BrokerError(errno.ECONNRESET, f"the devanon daemon at {self.path} is gone ({why})")

@@ -175,6 +175,8 @@ class Daemon:
                 try:
                     if spin and time.monotonic() - last < spin:
                         events = self._epoll.poll(0)
+                        if not events:
+                            os.sched_yield()  # a client waiting for a CPU gets this one
                     else:
                         events = self._epoll.poll(1.0)
                 except InterruptedError:
