@@ -60,7 +60,13 @@ class MapCounts:
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)
         held = counts[first:last]
-        if (0 not in held) if n == 1 else min(held) >= n:  # a C scan, however many runs
+        if len(held) > _VECTOR_RUNS:
+            import numpy as np
+
+            enough = int(np.frombuffer(held, dtype=np.int64).min()) >= n
+        else:
+            enough = min(held) >= n
+        if enough:
             return self._apply(start, stop, -n)
         k = first + next(i for i, c in enumerate(held) if c < n)
         raise ValueError(
