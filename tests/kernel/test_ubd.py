@@ -97,8 +97,9 @@ def test_host_cost_of_one_guest(mode: Mode, root: Path, image: tuple[Path, Manif
         else:
             assert guest.memory.resident_bytes() == other
             assert guest.memory.overlay_calls < plan.reads  # extents, not pages
-        # exactly the pages read, in both modes: no readahead beyond them
-        assert measure.cached_bytes(img) == disk
+        # the pages read, in both modes: no readahead beyond them. (The kernel may drop a
+        # clean page or two of the image meanwhile: seen once in a CI run, 2 pages short.)
+        assert disk - 4 * PS <= measure.cached_bytes(img) <= disk
 
 
 def test_extents_keep_the_mapping_count_low(root: Path, image: tuple[Path, Manifest]) -> None:
