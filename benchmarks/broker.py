@@ -57,7 +57,6 @@ import gc
 import json
 import multiprocessing as mp
 import os
-import platform
 import selectors
 import shutil
 import signal
@@ -74,6 +73,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
+
+from _common import Json, all_ok, gc_paused, log, machine, us
 
 from devanon import _libc
 from devanon.broker import Client, SharedAnon, connect
@@ -92,8 +93,6 @@ WORKER_WARMUP = 300
 ROUND_TRIP_TARGET = 2.0
 THROUGHPUT_TARGET = 20_000
 THROUGHPUT_CLIENTS = 8
-
-Json = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,27 +115,6 @@ QUICK = Config(block=20, blocks=20, duration_s=0.5, rounds=1)
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    """Progress, to stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Collect now, then keep the collector off while timing."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def us(samples_ns: list[int]) -> tuple[float, float]:
-    """Median and min of nanosecond samples, in microseconds."""
-    return statistics.median(samples_ns) / 1e3, min(samples_ns) / 1e3
 
 
 def sched_s(pid: int) -> tuple[float, float]:
@@ -685,45 +663,6 @@ def check_written_page(shared: SharedAnon, client: Client) -> tuple[int, int]:
 
 
 # -- the run --------------------------------------------------------------------------------
-
-
-def git(*args: str) -> str:
-    """Output of a git command in this repository ("" if it fails)."""
-    repo = Path(__file__).resolve().parent.parent
-    run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-    return run.stdout.strip() if run.returncode == 0 else ""
-
-
-def machine() -> Json:
-    """What ran the benchmark, and how busy it was."""
-    model, hypervisor = "", False
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                hypervisor = hypervisor or "hypervisor" in line.split()
-    return {
-        "kernel": platform.release(),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "hypervisor": hypervisor,
-        "python": platform.python_version(),
-        "page_size": PAGE,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "devanon_commit": git("rev-parse", "--short", "HEAD")
-        + ("+uncommitted-src" if git("status", "--porcelain", "src") else ""),
-    }
-
-
-def all_ok(node: object) -> bool:
-    """True unless some ``ok`` in the tree is False (``None``: no target)."""
-    if isinstance(node, dict):
-        return node.get("ok") is not False and all(all_ok(v) for v in node.values())
-    if isinstance(node, list):
-        return all(all_ok(v) for v in node)
-    return True
 
 
 def run(cfg: Config, directory: Path, result: Json) -> None:

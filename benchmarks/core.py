@@ -36,22 +36,20 @@ The JSON goes to stdout (and to FILE with ``-o``); progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
+
+from _common import Json, all_ok, gc_paused, log, machine, us
 
 import devanon
 from devanon import _libc
@@ -67,7 +65,6 @@ PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
 VMA_BYTES_FALLBACK = 200
 """Assumed sizeof(vm_area_struct) where /proc/slabinfo can't be read."""
 
-Json = dict[str, Any]
 T = TypeVar("T")
 
 
@@ -90,27 +87,6 @@ QUICK = Config(256 * MiB, {4 * KiB: 300, 2 * MiB: 30, 256 * MiB: 1}, 200, 0.3, 1
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-def log(message: str) -> None:
-    """Progress, to stderr."""
-    print(message, file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Collect now, then keep the collector off while timing."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
-def us(samples_ns: list[int]) -> tuple[float, float]:
-    """Median and min of nanosecond samples, in microseconds."""
-    return statistics.median(samples_ns) / 1e3, min(samples_ns) / 1e3
 
 
 def samples_ms(**samples_ns: list[int]) -> dict[str, list[float]]:
@@ -511,47 +487,6 @@ def bench_count_memory(cfg: Config) -> Json:
 
 
 # -- the run --------------------------------------------------------------------------------
-
-
-def git(*args: str) -> str:
-    """Output of a git command in this repository ("" if it fails)."""
-    repo = Path(__file__).resolve().parent.parent
-    run = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True)
-    return run.stdout.strip() if run.returncode == 0 else ""
-
-
-def machine() -> Json:
-    """What ran the benchmark, and how busy it was."""
-    model, hypervisor = "", False
-    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name") and not model:
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                hypervisor = hypervisor or "hypervisor" in line.split()
-    reporting = Path("/sys/module/page_reporting/parameters/page_reporting_order")
-    return {
-        "kernel": platform.release(),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "hypervisor": hypervisor,
-        "free_page_reporting_order": (int(reporting.read_text()) if reporting.exists() else None),
-        "python": platform.python_version(),
-        "page_size": PAGE,
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "devanon_commit": git("rev-parse", "--short", "HEAD")
-        + ("+uncommitted-src" if git("status", "--porcelain", "src") else ""),
-    }
-
-
-def all_ok(node: object) -> bool:
-    """True unless some ``ok`` in the tree is False (``None``: no target)."""
-    if isinstance(node, dict):
-        return node.get("ok") is not False and all(all_ok(v) for v in node.values())
-    if isinstance(node, list):
-        return all(all_ok(v) for v in node)
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
