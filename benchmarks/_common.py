@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import platform
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -77,3 +79,14 @@ def all_ok(node: object) -> bool:
     if isinstance(node, list):
         return all(all_ok(v) for v in node)
     return True
+
+
+def emit(result: Json, start: float, output: Path | None) -> None:
+    """Finish the result (load at the end, all_ok, elapsed), print it, maybe save it."""
+    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["all_ok"] = all_ok(result)
+    result["elapsed_s"] = round(time.perf_counter() - start, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if output:
+        output.write_text(text + "\n")

@@ -54,7 +54,6 @@ import argparse
 import contextlib
 import ctypes
 import gc
-import json
 import multiprocessing as mp
 import os
 import selectors
@@ -74,7 +73,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from _common import Json, all_ok, gc_paused, log, machine, us
+from _common import Json, emit, gc_paused, log, machine, us
 
 from devanon import _libc
 from devanon.broker import Client, SharedAnon, connect
@@ -740,13 +739,7 @@ def main(argv: list[str] | None = None) -> int:
     result: Json = {"benchmark": "devanon broker", "quick": args.quick, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="devanon-bench-") as tmp:
         run(cfg, Path(tmp), result)
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["all_ok"] = all_ok(result)
-    result["elapsed_s"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(result, start, args.output)
     return 0
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
 import sys
 import time
@@ -49,7 +48,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from _common import Json, all_ok, gc_paused, log, machine, us
+from _common import Json, emit, gc_paused, log, machine, us
 
 import devanon
 from devanon import _libc
@@ -506,13 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "release": bench_release(cfg),
         "count_memory": bench_count_memory(cfg),
     }
-    result["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    result["all_ok"] = all_ok(result)
-    result["elapsed_s"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.output:
-        args.output.write_text(text + "\n")
+    emit(result, start, args.output)
     return 0
 
 
