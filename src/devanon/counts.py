@@ -42,7 +42,8 @@ class MapCounts:
 
     def add(self, start: int, stop: int, n: int = 1) -> None:
         """Every page in ``[start, stop)`` gains ``n`` counts."""
-        self._check(start, stop)
+        if not 0 <= start < stop <= self.npages:
+            self._check(start, stop)
         if self._apply_in_run(start, stop, n) is None:
             self._apply(start, stop, n)
 
@@ -52,7 +53,8 @@ class MapCounts:
         The ranges come sorted, ready to be punched. Raises ValueError, and changes
         nothing, if any page in the range has fewer than ``n`` counts to lose.
         """
-        self._check(start, stop)
+        if not 0 <= start < stop <= self.npages:
+            self._check(start, stop)
         zeros = self._apply_in_run(start, stop, -n)
         if zeros is not None:
             return zeros
