@@ -210,11 +210,22 @@ class Anon(Mapper):
     _closing = False
 
     def _gain(self, ranges: list[PageRange]) -> None:
+        if self._fork.is_child:
+            self._refuse_in_child()
         for first, last in ranges:
             self._counts.add(first, last)
 
     def _gain_one(self, first: int, last: int) -> None:
+        if self._fork.is_child:
+            self._refuse_in_child()
         self._counts.add(first, last)
+
+    def _refuse_in_child(self) -> None:
+        raise ValueError(
+            f"{self!r} belongs to the process that forked this one: a child may use and unmap "
+            "the mappings it inherited, but not map pages (its parent could not count them and "
+            "would free them under it); processes that share memory use devanon.broker"
+        )
 
     def _lose_one(self, first: int, last: int) -> None:
         zeros = self._counts.remove(first, last)
@@ -269,7 +280,8 @@ class Anon(Mapper):
     def _forked(self, lifeline: int) -> None:
         """In the parent: pin the inherited pages for the child until it is gone."""
         pins = self._inherited_pages()
-        self._gain(pins)
+        for first, last in pins:
+            self._counts.add(first, last)
         self._fork.children.append(_forking.Child(lifeline, pins))
 
     def _fork_child(self) -> None:

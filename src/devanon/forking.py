@@ -9,11 +9,14 @@ child's exit could free pages its parent still used. Here:
   by the read end of a pipe whose write end only the child (and its own children) hold.
   The write end closes exactly when no descendant can map the pages any more: at exit, or
   at exec (it is close-on-exec, and exec drops mappings too). An ``Anon`` notices EOF at
-  its next call, drops the pins and punches every page left with no count, including
-  pages the child mapped and wrote on its own; a broker object hands the read end to the
-  daemon, which does the same.
-- A child of an ``Anon`` never punches: it cannot know what its parent (or a sibling)
-  maps. Processes that share memory as equals use the broker, which counts for all.
+  its next call, drops the pins and punches every page left with no count (it sweeps the
+  file with SEEK_DATA: the child may have written anywhere it was allowed to); a broker
+  object hands the read end to the daemon, which does the same. MADV_DONTFORK is applied
+  just before fork (``Mapper._prepare_fork``), not at every map.
+- A child of an ``Anon`` never punches, and may not map pages of it either: it cannot
+  know what its parent (or a sibling) maps, nor tell them what it maps. It uses and unmaps
+  what it inherited. Processes that share memory as equals use the broker, which counts
+  for all.
 
 The hooks hold every tracked object's lock across fork(), so no child inherits half-updated
 books.
@@ -21,6 +24,7 @@ books.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import weakref
@@ -90,6 +94,8 @@ def alive(lifeline: int) -> bool:
         return True
 
 
+log = logging.getLogger("devanon")
+
 _live: weakref.WeakSet[Forkable] = weakref.WeakSet()
 _held: list[tuple[Forkable, tuple[int, int] | None]] = []
 _lifelines: list[int] = []
@@ -113,13 +119,15 @@ def _before() -> None:
 
 
 def _after_in_parent() -> None:
-    while _held:
+    while _held:  # every object is released, whatever one of them raises
         obj, pipe = _held.pop()
         try:
             if pipe is not None:
                 os.close(pipe[1])
                 os.set_blocking(pipe[0], False)
                 obj._forked(pipe[0])
+        except Exception:
+            log.exception("after fork, in the parent: %r", obj)
         finally:
             obj._lock.release()
 
@@ -132,6 +140,8 @@ def _after_in_child() -> None:
                 os.close(pipe[0])
                 _lifelines.append(pipe[1])
                 obj._fork_child()
+        except Exception:
+            log.exception("after fork, in the child: %r", obj)
         finally:
             obj._lock.release()
 

@@ -357,7 +357,13 @@ class Mapper(ABC):
         fd = target if isinstance(target, int) else os.open(target, os.O_RDONLY | os.O_CLOEXEC)
         label = f"fd {fd}" if isinstance(target, int) else str(target)
         try:
-            file_size = os.fstat(fd).st_size
+            st, own = os.fstat(fd), os.fstat(self.fd)
+            if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+                raise ValueError(
+                    f"cannot overlay {self.name!r} with its own file: a private mapping of it "
+                    "would keep copies that no punch frees"
+                )
+            file_size = st.st_size
             if file_offset + length > -(-file_size // PAGE_SIZE) * PAGE_SIZE:
                 raise ValueError(
                     f"overlay of {label} [{file_offset:#x}, {file_offset + length:#x}) reaches "

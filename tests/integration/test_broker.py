@@ -527,3 +527,104 @@ def test_a_client_with_its_own_connection_per_thread_is_not_needed(daemon: Serve
         assert client.stat("threads")[0]["mapped_bytes"] == 0
         assert isinstance(client, Client)
         obj.close()
+
+
+def _reopen_for_writing(conn: Connection, path: str) -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    with connect(path) as client:
+        ro = client.open("guarded", writable=False)
+        try:
+            os.open(f"/proc/self/fd/{ro.fd}", os.O_RDWR)
+        except PermissionError:
+            conn.send("refused")
+        else:
+            conn.send("reopened for writing")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_a_read_only_descriptor_cannot_be_reopened_for_writing(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("guarded", PS, create=True, mode=0o644)
+        proc, conn = worker(_reopen_for_writing, daemon.socket)
+        assert conn.recv() == "refused"  # the memfd's inode is 0600, not memfd's usual 0777
+        proc.join(10)
+        obj.close()
+
+
+def test_a_pin_whose_lifeline_is_no_pipe_is_refused_and_pins_nothing(
+    daemon: Served, tmp_path: Path
+) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("pinned", 4 * PS, create=True)
+        m = obj.map(0, PS)
+        m.view()[0] = 1
+        regular = os.open(tmp_path / "file", os.O_RDWR | os.O_CREAT)
+        with pytest.raises(OSError, match="pipe"):
+            client.call(wire.Op.PIN, wire.pack_ranges(obj._handle, [(0, PS)]), [regular])
+        os.close(regular)
+        assert obj.map_count(0) == 1 and client.stat("pinned")[0]["pinned_children"] == 0
+        m.close()
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def _create_shut_out(conn: Connection, path: str) -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)  # root passes any mode, as on a file system: be somebody else
+    with connect(path) as client:
+        try:
+            client.open("ghost", PS, create=True, mode=0o200)
+        except PermissionError as e:
+            conn.send(str(e))
+        else:
+            conn.send("created")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_a_mode_that_shuts_out_its_creator_creates_nothing(daemon: Served) -> None:
+    proc, conn = worker(_create_shut_out, daemon.socket)
+    assert "would not let its creator" in conn.recv()
+    proc.join(10)
+    with connect(daemon.socket) as client:
+        assert client.stat() == []
+
+
+def _two_connections(conn: Connection, path: str) -> None:
+    first, second = connect(path), connect(path)
+    a = first.open("twice").map(0, PS)
+    b = second.open("twice").map(PS, PS)
+    conn.send(first.verify("twice"))
+    conn.recv()
+    del a, b
+
+
+def test_verify_reads_each_process_once_however_many_connections(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("twice", 4 * PS, create=True)
+        proc, conn = worker(_two_connections, daemon.socket)
+        assert conn.recv() == []
+        assert client.verify("twice") == []
+        conn.send("done")
+        proc.join(10)
+        obj.close()
+
+
+def test_a_forked_child_closes_its_copy_cleanly(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("copied", 4 * PS, create=True)
+        m = obj.map(0, PS)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                obj.close()  # the parent's handle is not the child's to close
+                code = 0
+            finally:
+                os._exit(code)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert obj.map_count(0) == 1
+        m.close()
+        obj.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,8 @@ from devanon.broker import protocol as wire
 from devanon.broker.server import default_socket_path
 from devanon.counts import PageRange
 from devanon.mapper import Mapper
+
+log = logging.getLogger("devanon.broker")
 
 
 class BrokerError(ConnectionError):
@@ -83,7 +86,10 @@ class Client:
         return sock
 
     def _after_fork_in_child(self) -> None:
-        """The socket is the parent's: drop our copy; the next call reconnects."""
+        """The socket is the parent's: drop our copy; the next call reconnects. The lock
+        may have been held by a thread that the child does not have: make a new one."""
+        self._lock = threading.RLock()
+        self._late_errors = []
         self._sock.close()
         self._pid = -1
 
@@ -143,9 +149,6 @@ class Client:
                 raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
             _, status, rseq = wire.REPLY.unpack_from(buf)
             if status == wire.STATUS_OK and rseq == seq:
-                if self._late_errors:
-                    late, self._late_errors = self._late_errors, []
-                    raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
                 return bytes(buf[wire.REPLY.size : n]), rfds
             for fd in rfds:
                 os.close(fd)
@@ -170,6 +173,13 @@ class Client:
                 os.sched_yield()  # let the daemon have this CPU if it is waiting for one
         n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY)
         return n, ancillary
+
+    def raise_late_errors(self) -> None:
+        """Raise what the daemon said of earlier pipelined unmaps, if it refused any."""
+        with self._lock:
+            if self._late_errors:
+                late, self._late_errors = self._late_errors, []
+                raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
 
     def _gone(self, why: str | None) -> BrokerError:
         return BrokerError(errno.ECONNRESET, f"the devanon daemon at {self.path} is gone ({why})")
@@ -323,6 +333,7 @@ class SharedAnon(Mapper):
             self._check_open()
             self._before_op()
             self.client.call(wire.Op.SYNC)
+            self.client.raise_late_errors()
 
     def stats(self) -> SharedStats:
         """The object's figures as the daemon keeps them, over all clients."""
@@ -342,7 +353,7 @@ class SharedAnon(Mapper):
                 return
             try:
                 self._unmap_all()
-                if self._generation == self.client.generation:
+                if self._generation == self.client.generation and self.client._pid > 0:
                     self.client.call(wire.Op.CLOSE, wire.HANDLE.pack(self._handle))
             finally:
                 os.close(self.fd)
@@ -410,6 +421,8 @@ class SharedAnon(Mapper):
             if pins:
                 body = wire.pack_ranges(self._handle, self._byte_ranges(pins))
                 self.client.call(wire.Op.PIN, body, [lifeline])
+        except OSError as e:  # the daemon is gone, or refused: the child's copies go uncounted
+            log.warning("could not pin %r for a forked child: %s", self.name, e)
         finally:
             os.close(lifeline)
 

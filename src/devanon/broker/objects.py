@@ -55,6 +55,9 @@ class SharedObject:
         if self.fd < 0:
             fd = os.memfd_create(f"devanon:{self.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
+                # A memfd's inode is mode 0777: anyone holding a read-only descriptor could
+                # reopen /proc/self/fd/N for writing. 0600 leaves that to the daemon alone.
+                os.fchmod(fd, 0o600)
                 os.ftruncate(fd, self.size)
                 fcntl.fcntl(
                     fd,
@@ -70,15 +73,18 @@ class SharedObject:
 
     def allows(self, uid: int, gids: set[int], want: int) -> bool:
         """Like a file: owner, group or other bits of ``mode``; root passes."""
+        return self.rights(uid, self.uid, self.gid, gids, self.mode) & want == want
+
+    @staticmethod
+    def rights(uid: int, owner: int, group: int, gids: set[int], mode: int) -> int:
+        """READ | WRITE bits that ``mode`` gives ``uid``, as on a file; root gets both."""
         if uid == 0:
-            return True
-        if uid == self.uid:
-            bits = self.mode >> 6
-        elif self.gid in gids:
-            bits = self.mode >> 3
-        else:
-            bits = self.mode
-        return bits & want == want
+            return READ | WRITE
+        if uid == owner:
+            return (mode >> 6) & 7
+        if group in gids:
+            return (mode >> 3) & 7
+        return mode & 7
 
     def descriptor(self, writable: bool) -> int:
         """A new descriptor for a client: read-only unless ``writable``, so the kernel

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import threading
 import time
@@ -224,6 +225,10 @@ class Daemon:
             sock, _ = self._listener.accept()
         except BlockingIOError:
             return
+        except OSError as e:  # EMFILE, ENFILE, ENOMEM: refuse this one, go on serving the rest
+            log.warning("cannot accept a client: %s", e.strerror)
+            time.sleep(0.01)  # the listener stays readable: don't spin on it
+            return
         sock.setblocking(False)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
@@ -300,7 +305,7 @@ class Daemon:
             err = (errno.EPROTO, str(e))
             peer.errors += 1
         except PermissionError as e:
-            err = (errno.EACCES, str(e))
+            err = (errno.EACCES, e.strerror or str(e))
         except OSError as e:
             err = (e.errno or errno.EIO, e.strerror or str(e))
         except ValueError as e:
@@ -384,6 +389,11 @@ class Daemon:
                 )
             if mode & ~0o777:
                 raise ValueError(f"mode {mode:#o} has bits beyond 0o777")
+            owner = SharedObject.rights(peer.uid, peer.uid, peer.gid, peer.gids, mode)
+            if owner & (READ | (WRITE if writable else 0)) != READ | (WRITE if writable else 0):
+                raise PermissionError(
+                    errno.EACCES, f"mode {mode:04o} would not let its creator open {name!r}"
+                )
             obj = SharedObject(name, size, peer.uid, peer.gid, mode)
             self.objects[name] = obj
             log.info("client %d created %r (%d bytes, mode %04o)", peer.id, name, size, mode)
@@ -397,12 +407,13 @@ class Daemon:
                 f"uid {peer.uid} may not {right} {name!r} (mode {obj.mode:04o}, "
                 f"owner uid {obj.uid})",
             )
+        fd = obj.descriptor(writable)  # before any book changes: EMFILE changes nothing
         handle = peer.next_handle
         peer.next_handle += 1
         peer.handles[handle] = obj
         obj.handles[peer.id] = obj.handles.get(peer.id, 0) + 1
         body = wire.OPENED.pack(handle, obj.size, obj.page_size, obj.uid, obj.gid, obj.mode)
-        return Reply(body, [obj.descriptor(writable)])
+        return Reply(body, [fd])
 
     def _map(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         handle, ranges = wire.unpack_ranges(req.body)
@@ -475,9 +486,8 @@ class Daemon:
             raise no_such(name)
         kernel = MapCounts(obj.counts.npages)
         dev, ino = obj.identity()
-        for cid in obj.holders:
-            if cid in self.peers:
-                add_maps_of(self.peers[cid].pid, dev, ino, obj.page_size, kernel)
+        for pid in {self.peers[cid].pid for cid in obj.holders if cid in self.peers}:
+            add_maps_of(pid, dev, ino, obj.page_size, kernel)  # each process once
         for pin in obj.pins:  # forked children: counted, but not clients we can read
             for first, last in pin.ranges:
                 kernel.add(first, last)
@@ -494,9 +504,11 @@ class Daemon:
             raise wire.ProtocolError(f"PIN carries one lifeline descriptor, not {len(fds)}")
         pages = obj.pages(ranges)
         lifeline = fds[0]
+        if not stat.S_ISFIFO(os.fstat(lifeline).st_mode):
+            raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe")
         os.set_blocking(lifeline, False)
-        obj.pin(lifeline, pages)
         self._watch(lifeline, lambda: self._unpinned(obj, lifeline))
+        obj.pin(lifeline, pages)
         return Reply(kept=[lifeline])
 
     def _unpinned(self, obj: SharedObject, lifeline: int) -> None:
