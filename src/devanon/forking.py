@@ -102,16 +102,24 @@ _lifelines: list[int] = []
 """In a child: the write ends that tell each ancestor's objects we are alive."""
 
 
+_track_lock = threading.Lock()
+"""Held while the set changes or is copied (never while waiting for an object's lock)."""
+
+
 def track(obj: Forkable) -> None:
-    _live.add(obj)
+    with _track_lock:
+        _live.add(obj)
 
 
 def untrack(obj: Forkable) -> None:
-    _live.discard(obj)
+    with _track_lock:
+        _live.discard(obj)
 
 
 def _before() -> None:
-    for obj in list(_live):
+    with _track_lock:
+        tracked = list(_live)
+    for obj in tracked:
         obj._lock.acquire()
         _held.append((obj, None if obj.closed else os.pipe2(os.O_CLOEXEC)))
         if not obj.closed:
@@ -144,6 +152,8 @@ def _after_in_child() -> None:
             log.exception("after fork, in the child: %r", obj)
         finally:
             obj._lock.release()
+    global _track_lock
+    _track_lock = threading.Lock()  # another thread may have held it at fork
 
 
 os.register_at_fork(
