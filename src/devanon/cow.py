@@ -74,8 +74,9 @@ class CowLayer:
         return layer
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], base_size: int) -> CowLayer:
-        """An existing COW file; ``ValueError`` naming it if it is not one for this base."""
+    def open(cls, path: str | os.PathLike[str], base_size: int, block_size: int) -> CowLayer:
+        """An existing COW file; ``ValueError`` naming it if it is not one for this base and
+        this block size (another size would map every block to the wrong bytes)."""
         name = os.fspath(path)
         fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -91,8 +92,16 @@ class CowLayer:
                 raise ValueError(
                     f"COW file {name!r} is for a base of {head['base_size']} bytes, not {base_size}"
                 )
-            blocks, block_size = int(head["blocks"]), int(head["block_size"])
-            bitmap = bytearray(os.pread(fd, -(-blocks // 8), PAGE_SIZE).ljust(-(-blocks // 8)))
+            blocks = int(head["blocks"])
+            if int(head["block_size"]) != block_size or blocks * block_size != base_size:
+                raise ValueError(
+                    f"COW file {name!r} has {blocks} blocks of {head['block_size']} bytes, "
+                    f"not blocks of {block_size} bytes over {base_size}"
+                )
+            nbytes = -(-blocks // 8)
+            bitmap = bytearray(os.pread(fd, nbytes, PAGE_SIZE))
+            if len(bitmap) < nbytes:  # cut short: no bitmap, no claim to any block
+                raise ValueError(f"COW file {name!r} is truncated (its bitmap is cut short)")
             return cls(fd, name, blocks, block_size, bitmap, str(head["base"]))
         except BaseException:
             os.close(fd)

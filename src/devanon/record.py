@@ -57,15 +57,22 @@ class Recording:
 
 
 def _unescape(path: str) -> str:
-    def sub(m: re.Match[str]) -> str:
+    """strace's C escapes undone: ``\\303\\251`` are the bytes of UTF-8 "é", not two
+    characters."""
+    out = bytearray()
+    pos = 0
+    for m in _ESCAPE.finditer(path):
+        out += path[pos : m.start()].encode("utf-8", "surrogateescape")
         code = m.group(1)
         if code.startswith("x"):
-            return chr(int(code[1:], 16))
-        if code.isdigit():
-            return chr(int(code, 8))
-        return {"n": "\n", "t": "\t"}.get(code, code)
-
-    return _ESCAPE.sub(sub, path)
+            out.append(int(code[1:], 16))
+        elif code.isdigit():
+            out.append(int(code, 8))
+        else:
+            out += {"n": "\n", "t": "\t"}.get(code, code).encode()
+        pos = m.end()
+    out += path[pos:].encode("utf-8", "surrogateescape")
+    return out.decode("utf-8", "surrogateescape")
 
 
 def _joined(lines: Iterator[str]) -> Iterator[str]:
@@ -131,8 +138,10 @@ def parse_strace(
             offset = pos.get(key, 0)
             if ret > 0:
                 pos[key] = offset + ret
-        elif call in ("pread64", "preadv", "preadv2"):
-            offset = int(_last_number(rest))
+        elif call in ("pread64", "preadv"):
+            offset = int(_number_at(rest, -1))
+        elif call == "preadv2":  # (fd, iov, iovcnt, offset, flags)
+            offset = int(_number_at(rest, -2))
         elif call == "mmap":
             if not mmaps:
                 continue
@@ -161,9 +170,11 @@ def parse_strace(
     return rec
 
 
-def _last_number(args: str) -> str:
-    tail = args.rstrip().rsplit(",", 1)[-1].strip()
-    return tail if tail else "0"
+def _number_at(args: str, index: int) -> str:
+    """The argument at ``index`` (from the end) of a call's argument text."""
+    fields = args.rstrip().rsplit(",", -index)
+    value = fields[index].strip() if len(fields) >= -index else ""
+    return value if value else "0"
 
 
 def record(

@@ -85,7 +85,8 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
     """Parse trace text; ``TraceError`` names ``source`` and the line of the first bad line."""
     reads: list[TraceRead] = []
     meta: dict[str, str] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks at \f, \v, \x1c-\x1e, \x85, \u2028...
+    for lineno, raw in enumerate(text.split("\n"), start=1):
         line = raw.rstrip("\r")
         if not line.strip():
             continue
@@ -140,7 +141,7 @@ def format_trace(
     """Trace text: the metadata comments, then one ``path\\toffset\\tlength`` line per read."""
     lines = ["# devanon trace: path<TAB>offset<TAB>length, paths relative to the root"]
     for key, value in (meta or {}).items():
-        text = " ".join(str(value).split("\n")).replace("\r", " ").replace("\t", " ")
+        text = " ".join(str(value).split())  # one line: no newline, tab or other break
         lines.append(f"# {key}: {text}")
     for path, offset, length in reads:
         why = check_path(path)

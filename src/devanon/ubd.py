@@ -95,7 +95,7 @@ class BlockDevice:
             self.cow: CowLayer | None = None
             if cow is not None:
                 if os.path.exists(cow):
-                    self.cow = CowLayer.open(cow, size)
+                    self.cow = CowLayer.open(cow, size, self.block_size)
                 else:
                     self.cow = CowLayer.create(cow, self.image, size, self.block_size)
         except BaseException:

@@ -243,3 +243,17 @@ def test_bad_trace_lines_are_skipped_and_the_replay_goes_on(
     ]
     with Guest.create(img, mode, 32 * MIB) as guest:
         assert guest.replay(plan).crc == want  # every good line, in order
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_a_read_that_fits_is_not_evicted_by_its_own_eviction(mode: Mode, disk_dir: Path) -> None:
+    root = disk_dir / "evict-root"
+    root.mkdir()
+    (root / "x").write_bytes(b"x" * 2 * PS)
+    (root / "y").write_bytes(bytes(range(256)) * 16 * 31)
+    manifest = build_image(root, disk_dir / "evict.img")
+    with Guest.create(disk_dir / "evict.img", mode, 32 * PS) as guest:
+        guest.read(manifest, "x", 0, 2 * PS)  # two older pages
+        guest.read(manifest, "y", 10 * PS, 1)
+        # 31 pages into 32 frames: 29 free, the two older pages must go, and only they
+        assert guest.read(manifest, "y", 0, 31 * PS) == bytes(range(256)) * 16 * 31

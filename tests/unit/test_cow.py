@@ -19,14 +19,16 @@ def test_write_runs_and_reopen(tmp_path: Path) -> None:
         cow.write(Block(3), b"x" * (2 * BS))
         assert cow.runs(Block(1), 5) == [(1, 2, False), (3, 2, True), (5, 1, False)]
         assert cow.blocks_written == 2
-    with CowLayer.open(path, 64 * BS) as again:
+    with CowLayer.open(path, 64 * BS, BS) as again:
         assert again.has(Block(4)) and not again.has(Block(5))
         assert again.base == "/base.img"
         with open(path, "rb") as f:
             f.seek(again.offset_of(Block(3)))
             assert f.read(BS) == b"x" * BS
     with pytest.raises(ValueError, match="is for a base of 262144 bytes, not 4096"):
-        CowLayer.open(path, BS)
+        CowLayer.open(path, BS, BS)
+    with pytest.raises(ValueError, match="blocks of 4096 bytes, not blocks of 8192"):
+        CowLayer.open(path, 64 * BS, 2 * BS)
 
 
 def test_errors(tmp_path: Path) -> None:
@@ -37,4 +39,13 @@ def test_errors(tmp_path: Path) -> None:
             cow.write(Block(3), b"x" * (2 * BS))
     (tmp_path / "junk").write_bytes(b"nope")
     with pytest.raises(ValueError, match="is not a devanon COW file"):
-        CowLayer.open(tmp_path / "junk", 4 * BS)
+        CowLayer.open(tmp_path / "junk", 4 * BS, BS)
+
+
+def test_a_truncated_cow_file_claims_no_block(tmp_path: Path) -> None:
+    path = tmp_path / "cut.cow"
+    CowLayer.create(path, "/b", 64 * BS, BS).close()
+    with open(path, "r+b") as f:
+        f.truncate(BS)  # the header alone: cut before the bitmap
+    with pytest.raises(ValueError, match="truncated"):
+        CowLayer.open(path, 64 * BS, BS)

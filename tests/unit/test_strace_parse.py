@@ -40,3 +40,14 @@ def test_positions_preads_mmaps_and_resumed_lines(tmp_path: Path) -> None:
     assert rec.outside_root == 1
     assert rec.mmaps == 1
     assert parse_strace(log.splitlines(), r, mmaps=False).mmaps == 0
+
+
+def test_preadv2_offsets_and_escaped_utf8_paths(tmp_path: Path) -> None:
+    r = str(tmp_path)
+    log = f"""\
+100 preadv2(3<{r}/plain>, [{{iov_base=""..., iov_len=100}}], 1, 8192, RWF_HIPRI) = 100
+100 preadv2(3<{r}/plain>, [{{iov_base=""..., iov_len=100}}], 1, 4096, 0) = 100
+100 pread64(4<{r}/caf\\303\\251>, ""..., 100, 0) = 100
+"""
+    rec = parse_strace(log.splitlines(keepends=True), r)
+    assert rec.reads == [("plain", 8192, 100), ("plain", 4096, 100), ("café", 0, 100)]

@@ -75,3 +75,12 @@ def test_format_refuses_unrepresentable_paths() -> None:
 def test_missing_file_is_named(tmp_path: object) -> None:
     with pytest.raises(FileNotFoundError, match=r"nope\.trace"):
         load_trace("/nonexistent/nope.trace")
+
+
+def test_only_newlines_end_lines() -> None:
+    # a form feed in metadata (a recorded command line, say) is no line break
+    text = format_trace([("a", 0, 1)], {"command": "python -c 'print(\"\x0c\x1c\u2028\")'"})
+    assert parse_trace(text).reads[0].path == "a"
+    bad = "# x\x0cy\nok\t0\t1\nbad line\n"
+    with pytest.raises(TraceError, match=":3:"):
+        parse_trace(bad, "t")

@@ -26,9 +26,6 @@ from devanon.physmem import PhysicalMemory
 from devanon.ubd import BlockDevice, Mode
 from devanon.units import Block, Frame
 
-EVICT_BATCH = 64
-"""Pages evicted beyond what a request needs, so eviction is not paid page by page."""
-
 
 @dataclass(slots=True)
 class ReplayResult:
@@ -259,11 +256,9 @@ class Guest:
     def _alloc(self, count: int, near: Frame | None) -> list[tuple[Frame, int]]:
         """``count`` frames, evicting least recently used pages if the guest is full."""
         if count > self.frames.free_frames:
-            # a few more than needed, but never so many that the pages of the read under
-            # way (the most recently used) go too
-            batch = min(EVICT_BATCH, self.frames.frames // 16)
-            want = count - self.frames.free_frames + batch
-            victims = self.cache.evict(want)
+            # Exactly what is missing: any more could take pages that the read under way
+            # loaded a moment ago (they are the most recently used, but may be all there is).
+            victims = self.cache.evict(count - self.frames.free_frames)
             self._release([f for _, _, f in victims])
             self.stats.pages_evicted += len(victims)
         try:
