@@ -198,8 +198,9 @@ class Mapper(ABC):
     """Maps, unmaps and overlays one file's pages; subclasses keep the counts.
 
     Subclasses set ``fd``, ``size``, ``page_size``, ``name``, ``hugepages`` and
-    ``_writable_fd``, call ``_init_books()``, and implement ``_gain``, ``_lose``,
-    ``_before_op`` and ``closed``.
+    ``_writable_fd`` (``fd < 0`` once closed), call ``_init_books()``, and implement
+    ``_gain``, ``_lose`` and ``_before_op`` (``_gain_one``/``_lose_one`` if they can do one
+    range faster).
     """
 
     fd: int

@@ -304,10 +304,6 @@ class SharedAnon(Mapper):
         self._init_books()
         forking.track(self)
 
-    @property
-    def closed(self) -> bool:
-        return self.fd < 0
-
     def map_count(self, offset: int) -> int:
         """How many times, over all clients, the page holding ``offset`` is mapped."""
         if not isinstance(offset, int) or isinstance(offset, bool):
