@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from devanon import _checks
 from devanon import forking as _forking
 from devanon.counts import MapCounts, PageRange
-from devanon.mapper import PAGE_SIZE, Mapper, Mapping, Overlay, _coalesce
-from devanon.punch import filesystem_of, punch_range
+from devanon.mapper import PAGE_SIZE, Mapper, Mapping, Overlay
+from devanon.punch import filesystem_of, punch_pages, punch_range
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Anon", "AnonStats", "Mapping", "Overlay"]
 
@@ -248,12 +248,9 @@ class Anon(Mapper):
         """Punch page ranges that fell to zero, coalescing neighbours into one call each."""
         if not zeros or self._fork.is_child:
             return
-        ps = self.page_size
-        if len(zeros) > 1:
-            zeros = _coalesce(zeros)
-        for a, b in zeros:
-            self._punch_calls += punch_range(self.fd, a * ps, (b - a) * ps, name=self.name)
-            self._freed_bytes += (b - a) * ps
+        calls, freed = punch_pages(self.fd, zeros, self.page_size, name=self.name)
+        self._punch_calls += calls
+        self._freed_bytes += freed
 
     def _sweep(self) -> None:
         """Punch every byte of data that lies in pages with no count (after a child left)."""

@@ -90,10 +90,6 @@ class MapCounts:
         """The ranges in ``[start, stop)`` whose count is zero."""
         return [(a, b) for a, b, c in self.runs(start, stop) if c == 0]
 
-    def min_count(self, start: int, stop: int) -> int:
-        """The smallest count in ``[start, stop)``."""
-        return min(c for _, _, c in self.runs(start, stop))
-
     def mapped_pages(self) -> int:
         """How many pages have a count above zero."""
         return sum(b - a for a, b, c in self.runs() if c > 0)

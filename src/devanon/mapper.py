@@ -183,17 +183,6 @@ class Overlay:
         )
 
 
-def _coalesce(ranges: list[PageRange]) -> list[PageRange]:
-    """Sorted ranges with touching neighbours joined."""
-    out: list[PageRange] = []
-    for a, b in sorted(ranges):
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 class Mapper(ABC):
     """Maps, unmaps and overlays one file's pages; subclasses keep the counts.
 

@@ -54,6 +54,24 @@ def filesystem_of(fd: int) -> str:
     return "?"
 
 
+def punch_pages(
+    fd: int, ranges: list[tuple[int, int]], page_size: int, *, name: str = ""
+) -> tuple[int, int]:
+    """Punch page ranges ``[first, last)``, touching neighbours joined into one range each;
+    returns the calls made and the bytes punched."""
+    calls = freed = 0
+    joined: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if joined and joined[-1][1] == first:
+            joined[-1] = (joined[-1][0], last)
+        else:
+            joined.append((first, last))
+    for first, last in joined:
+        calls += punch_range(fd, first * page_size, (last - first) * page_size, name=name)
+        freed += (last - first) * page_size
+    return calls, freed
+
+
 def punch_range(fd: int, offset: int, length: int, *, name: str = "") -> int:
     """Punch ``[offset, offset+length)`` of an open file; returns the number of calls made.
 

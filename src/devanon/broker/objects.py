@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from devanon.counts import MapCounts, PageRange
 from devanon.mapper import PAGE_SIZE
-from devanon.punch import punch_range
+from devanon.punch import punch_pages
 
 READ = 4
 WRITE = 2
@@ -186,13 +186,9 @@ class SharedObject:
                 return
 
     def punch(self, zeros: list[PageRange]) -> None:
-        ps = self.page_size
-        zeros.sort()
-        for first, last in zeros:
-            self.punch_calls += punch_range(
-                self.fd, first * ps, (last - first) * ps, name=self.name
-            )
-            self.freed_bytes += (last - first) * ps
+        calls, freed = punch_pages(self.fd, zeros, self.page_size, name=self.name)
+        self.punch_calls += calls
+        self.freed_bytes += freed
 
     # -- life ------------------------------------------------------------------------------
 

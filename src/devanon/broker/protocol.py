@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 MAX_MESSAGE = 64 << 10
 MAX_NAME = 255
-MAX_RANGES = (MAX_MESSAGE - 16) // 16
 
 HEADER = struct.Struct("<BxHI")
 REPLY = struct.Struct("<BBxxI")
