@@ -628,3 +628,25 @@ def test_a_forked_child_closes_its_copy_cleanly(daemon: Served) -> None:
         assert obj.map_count(0) == 1
         m.close()
         obj.close()
+
+
+def test_a_map_the_daemon_refuses_leaves_no_mapping(daemon: Served) -> None:
+    """The client mmaps while its MAP request is on the way; a refusal must undo that."""
+    with connect(daemon.socket) as client:
+        obj = client.open("refused-map", 4 * PS, create=True)
+        kept = obj.map(0, PS)
+        good_handle, obj._handle = obj._handle, 999_999  # a handle the daemon never gave
+        try:
+            with pytest.raises(ValueError, match="no open handle 999999"):
+                obj.map(PS, PS)
+        finally:
+            obj._handle = good_handle
+        assert kernel_counts(obj, [os.getpid()]) == {0: 1}  # page 1 is mapped nowhere
+        assert len(obj._segments) == 1  # and nothing of it in the books
+        assert client.stat("refused-map")[0]["mapped_bytes"] == PS
+        again = obj.map(PS, PS)  # the connection is still in step: the next map works
+        assert kernel_counts(obj, [os.getpid()]) == {0: 1, 1: 1}
+        again.close()
+        kept.close()
+        assert obj.resident_bytes() == 0
+        obj.close()

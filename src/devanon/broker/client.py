@@ -18,6 +18,7 @@ import socket
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,6 +120,27 @@ class Client:
             else:
                 self._transmit(message, None)
 
+    def start_map(self, handle: int, offset: int, length: int) -> Callable[[], None]:
+        """Send a MAP of one range and return the wait for its reply: the caller makes its
+        mmap while the daemon counts. The connection is this caller's until it waits (the
+        lock is held): it must call the wait, once."""
+        lock = self._lock
+        lock.acquire()
+        try:
+            seq = self._next_seq()
+            self._transmit(wire.MAP_ONE.pack(wire.Op.MAP, 0, seq, handle, offset, length), None)
+        except BaseException:
+            lock.release()
+            raise
+
+        def wait() -> None:
+            try:
+                self._await(seq)
+            finally:
+                lock.release()
+
+        return wait
+
     def _next_seq(self) -> int:
         if self._pid < 0:  # a forked child: the socket was the parent's
             self._sock = self._connect()
@@ -136,6 +158,10 @@ class Client:
 
     def _exchange(self, message: bytes, seq: int, fds: list[int] | None) -> tuple[bytes, list[int]]:
         self._transmit(message, fds)
+        return self._await(seq)
+
+    def _await(self, seq: int) -> tuple[bytes, list[int]]:
+        """The reply to request ``seq`` (errors for earlier posted requests are kept)."""
         buf = self._reply
         while True:
             try:
@@ -374,6 +400,17 @@ class SharedAnon(Mapper):
     def _byte_ranges(self, ranges: list[PageRange]) -> list[tuple[int, int]]:
         ps = self.page_size
         return [(a * ps, (b - a) * ps) for a, b in ranges]
+
+    def _gain_one(self, first: int, last: int) -> Callable[[], None]:
+        ps = self.page_size
+        return self.client.start_map(self._handle, first * ps, (last - first) * ps)
+
+    def _lose_one(self, first: int, last: int) -> None:
+        if self._generation == self.client.generation:
+            ps = self.page_size
+            self.client.count(
+                wire.Op.UNMAP, self._handle, first * ps, (last - first) * ps, wait=False
+            )
 
     def _gain(self, ranges: list[PageRange]) -> None:
         if len(ranges) == 1:

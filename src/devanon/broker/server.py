@@ -256,7 +256,8 @@ class Daemon:
                 self._disconnect(peer)
                 return
             if n == _FAST_SIZE and not ancillary and buf[0] in _FAST_OPS:
-                self._map_or_unmap(peer)
+                if self._map_or_unmap(peer):
+                    return  # a client waits for this reply: it sends nothing more till then
                 continue
             fds = wire.descriptors(ancillary)
             if n == 0 and not fds:
@@ -278,8 +279,10 @@ class Daemon:
             if peer.id not in self.peers:
                 return
 
-    def _map_or_unmap(self, peer: Peer) -> None:
-        """The hot path: MAP or UNMAP of one range, straight from the buffer."""
+    def _map_or_unmap(self, peer: Peer) -> bool:
+        """The hot path: MAP or UNMAP of one range, straight from the buffer. A MAP is
+        answered as soon as it is known to be valid (counting it cannot fail), so the
+        client's wait does not include the bookkeeping. Returns True if it replied."""
         op, flags, seq, handle, offset, length = wire.MAP_ONE.unpack_from(self._buf)
         obj = peer.handles.get(handle)
         try:
@@ -287,14 +290,18 @@ class Daemon:
                 raise ValueError(f"no open handle {handle}")
             first, last = obj.page_range(offset, length)
             if op == wire.Op.MAP:
-                obj.map_one(peer.id, first, last)
-            else:
-                obj.unmap_one(peer.id, first, last)
+                self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
+                if peer.id in self.peers:  # not cut off by the send
+                    obj.map_one(peer.id, first, last)
+                return True
+            obj.unmap_one(peer.id, first, last)
         except ValueError as e:
             self._send(peer, wire.error(op, seq, errno.EINVAL, str(e)))
-            return
-        if op == wire.Op.MAP or not flags & wire.FLAG_NOREPLY:
+            return True
+        if not flags & wire.FLAG_NOREPLY:
             self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
+            return True
+        return False
 
     def _handle(self, peer: Peer, req: wire.Request, fds: list[int]) -> None:
         err: tuple[int, str] | None = None
