@@ -229,8 +229,11 @@ class Anon(Mapper):
 
     def _lose_one(self, first: int, last: int) -> None:
         zeros = self._counts.remove(first, last)
-        if zeros and not self._closing:
-            self._punch(zeros)
+        if zeros and not self._closing and not self._fork.is_child:
+            ps = self.page_size
+            for a, b in zeros:  # sorted, and never touching: runs of one range
+                self._punch_calls += punch_range(self.fd, a * ps, (b - a) * ps, name=self.name)
+                self._freed_bytes += (b - a) * ps
 
     def _lose(self, ranges: list[PageRange]) -> None:
         zeros: list[PageRange] = []

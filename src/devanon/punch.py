@@ -59,6 +59,10 @@ def punch_pages(
 ) -> tuple[int, int]:
     """Punch page ranges ``[first, last)``, touching neighbours joined into one range each;
     returns the calls made and the bytes punched."""
+    if len(ranges) == 1:  # the common case: one page or run fell to zero
+        first, last = ranges[0]
+        length = (last - first) * page_size
+        return punch_range(fd, first * page_size, length, name=name), length
     calls = freed = 0
     joined: list[tuple[int, int]] = []
     for first, last in sorted(ranges):
