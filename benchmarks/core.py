@@ -420,7 +420,7 @@ def bench_tib_unmapped() -> Json:
 
 def bench_mapped(offsets: list[int], length: int, vma_bytes: int) -> Json:
     """Count bytes (and the kernel's estimated cost) with one mapping per offset."""
-    anon = devanon.Anon(4 * GiB, name="bench-counts")
+    anon = devanon.Anon(8 * GiB, name="bench-counts")
     held: list[devanon.Mapping | None] = [None] * len(offsets)
     try:
 
@@ -459,14 +459,15 @@ def bench_count_memory(cfg: Config) -> Json:
     log("(d) count memory")
     vma_size = slab_objsize("vm_area_struct")
     vma_bytes = vma_size or VMA_BYTES_FALLBACK
-    base = GiB  # mappings start 1 GiB into a 4 GiB Anon, so runs have neighbours both sides
+    base = GiB  # mappings start 1 GiB into an 8 GiB Anon, so runs have neighbours both sides
     limit = int(Path("/proc/sys/vm/max_map_count").read_text())
     worst = min(cfg.worst_maps, limit - map_lines() - 1000)
     log(f"(d) worst case: {worst} single-page mappings")
     return {
-        "what": "Anon.stats().count_bytes (= MapCounts.nbytes(): 16 bytes a run, array "
-        "lengths without over-allocation); mappings made (not written) in a 4 GiB Anon from "
-        "offset 1 GiB; kernel cost estimated as the memfd's /proc/self/maps lines x "
+        "what": "Anon.stats().count_bytes (= MapCounts.nbytes(): 16 bytes a run, a byte a "
+        "page of a dense chunk, array lengths without over-allocation); mappings made (not "
+        "written) in an 8 GiB Anon from offset 1 GiB; kernel cost estimated as the memfd's "
+        "/proc/self/maps lines x "
         f"sizeof(vm_area_struct) = {vma_bytes} "
         f"({'from /proc/slabinfo' if vma_size else 'assumed'}), without maple tree nodes "
         "or page tables; python_books: devanon's whole bookkeeping (Mapping, segment, "
@@ -477,12 +478,27 @@ def bench_count_memory(cfg: Config) -> Json:
             [base + i * 2 * MiB for i in range(512)], 2 * MiB, vma_bytes
         ),
         "worst_single_pages": {
-            "pattern": f"{worst} single-page mappings of every other page (each mapping "
-            "isolated: two run boundaries each); max_map_count is "
-            f"{limit}",
+            "pattern": f"{worst} single-page mappings of every other page (counts 1, 0, 1, "
+            "0, ...: ubd-mmap's pattern; as runs, 32 bytes a mapped page, so these chunks "
+            f"turn dense: a byte a page); max_map_count is {limit}",
             **bench_mapped([base + 2 * i * PAGE for i in range(worst)], PAGE, vma_bytes),
         },
+        "sparse_single_pages": {
+            "pattern": f"{worst} single-page mappings of every {SPARSE_STRIDE}th page: the "
+            "densest pattern still kept as runs (a dense chunk would cost as much), so the "
+            "most count memory per mapped byte",
+            **bench_mapped(
+                [base + SPARSE_STRIDE * i * PAGE for i in range(worst)], PAGE, vma_bytes
+            ),
+            "target": None,
+            "ok": None,
+        },
     }
+
+
+SPARSE_STRIDE = 32
+"""One mapped page in this many: runs (32 bytes a mapped page) cost what per-page counts
+would (a byte a page x 32)."""
 
 
 # -- the run --------------------------------------------------------------------------------

@@ -10,6 +10,14 @@ two insertions, so a 1 GiB range is as cheap as a page, and an unmapped TiB cost
 
 Runs live in two ``array('q')`` (16 bytes a run, no Python object per run). Neighbouring
 runs always differ in count: the set is kept maximally merged.
+
+Runs lose where counts change at nearly every page (ubd-mmap laying single-page overlays
+over a guest's memory: 1, 0, 1, 0, ...): 16 bytes a page. So a chunk of ``chunk_pages``
+pages whose runs would take more memory than one byte per page becomes *dense*: a
+per-page array of counts (the issue's "chunked per-page array"), standing in the runs
+as one run whose count is ``-(chunk + 1)``, a sentinel no neighbour can equal. It turns back
+into runs once few enough remain. Counts take a byte a page until one passes 255, then two,
+then (past 65,535) four.
 """
 
 from __future__ import annotations
@@ -18,34 +26,60 @@ import itertools
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
+from typing import Any
+
+Dense = array
+"""A dense chunk's per-page counts: ``array('B')``, widened to ``'H'`` or ``'I'`` as needed."""
 
 PageRange = tuple[int, int]
 """A half-open range of page indices ``[start, stop)``."""
+
+DENSE_CHUNK = 4096
+"""Pages in a chunk that may turn dense (16 MiB of 4 KiB pages; 4 KiB of counts)."""
+_RUN_BYTES = 16
+"""Memory a stored run takes (two 8-byte array items)."""
 
 
 class MapCounts:
     """Per-page map counts over ``npages`` pages, all starting at zero."""
 
-    __slots__ = ("_counts", "_starts", "npages")
+    __slots__ = ("_chunk", "_counts", "_dense", "_densify_at", "_edges", "_starts", "npages")
 
-    def __init__(self, npages: int) -> None:
+    def __init__(self, npages: int, *, chunk_pages: int = DENSE_CHUNK) -> None:
         if npages <= 0:
             raise ValueError(f"npages must be positive, not {npages!r}")
+        if chunk_pages < 2:
+            raise ValueError(f"chunk_pages must be at least 2, not {chunk_pages!r}")
         self.npages = npages
         self._starts = array("q", [0])
         self._counts = array("q", [0])
+        self._dense: dict[int, Dense[int]] = {}
+        """Chunk index -> the per-page counts of a dense chunk."""
+        self._edges: dict[int, int] = {}
+        """Chunk index -> how many times the count changes inside that dense chunk."""
+        self._chunk = chunk_pages
+        self._densify_at = max(2, chunk_pages // _RUN_BYTES)
+        """Runs in a chunk beyond which a byte per page takes less memory."""
 
     def count(self, page: int) -> int:
         """The count of one page."""
         self._check(page, page + 1)
-        return self._counts[bisect_right(self._starts, page) - 1]
+        c = self._counts[bisect_right(self._starts, page) - 1]
+        if c < 0:
+            chunk = -c - 1
+            return int(self._dense[chunk][page - chunk * self._chunk])
+        return c
 
     def add(self, start: int, stop: int, n: int = 1) -> None:
         """Every page in ``[start, stop)`` gains ``n`` counts."""
         if not 0 <= start < stop <= self.npages:
             self._check(start, stop)
-        if self._apply_in_run(start, stop, n) is None:
+        if self._dense:
+            self._apply_mixed(start, stop, n)
+        elif self._apply_in_run(start, stop, n) is None:
             self._apply(start, stop, n)
+        if len(self._starts) > self._densify_at:
+            self._maybe_densify(start, stop)
 
     def remove(self, start: int, stop: int, n: int = 1) -> list[PageRange]:
         """Every page in ``[start, stop)`` loses ``n`` counts; returns the ranges now at zero.
@@ -55,6 +89,16 @@ class MapCounts:
         """
         if not 0 <= start < stop <= self.npages:
             self._check(start, stop)
+        if self._dense:
+            zeros = self._apply_mixed(start, stop, -n)
+        else:
+            zeros = self._remove_runs(start, stop, n)
+        if len(self._starts) > self._densify_at:
+            self._maybe_densify(start, stop)
+        return zeros
+
+    def _remove_runs(self, start: int, stop: int, n: int) -> list[PageRange]:
+        """``remove`` where no chunk is dense."""
         zeros = self._apply_in_run(start, stop, -n)
         if zeros is not None:
             return zeros
@@ -79,6 +123,25 @@ class MapCounts:
         """``(start, stop, count)`` for each run, clipped to ``[start, stop)``."""
         stop = self.npages if stop is None else stop
         self._check(start, stop)
+        if not self._dense:
+            yield from self._stored_runs(start, stop)
+            return
+        held: tuple[int, int, int] | None = None  # merged across a dense chunk's edges
+        for a, b, c in self._stored_runs(start, stop):
+            pieces = [(a, b, c)] if c >= 0 else self._dense_runs(-c - 1, a, b)
+            for run in pieces:
+                if held is None:
+                    held = run
+                elif held[2] == run[2]:
+                    held = (held[0], run[1], run[2])
+                else:
+                    yield held
+                    held = run
+        if held is not None:
+            yield held
+
+    def _stored_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """The stored runs clipped to ``[start, stop)`` (a dense chunk is one)."""
         starts, counts = self._starts, self._counts
         k = bisect_right(starts, start) - 1
         while k < len(starts) and starts[k] < stop:
@@ -86,19 +149,38 @@ class MapCounts:
             yield max(start, starts[k]), min(stop, end), counts[k]
             k += 1
 
+    def _dense_runs(self, chunk: int, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """The runs of dense ``chunk`` within ``[start, stop)``."""
+        import numpy as np
+
+        base = chunk * self._chunk
+        part = _numpy(self._dense[chunk])[start - base : stop - base]
+        cuts = (np.flatnonzero(part[1:] != part[:-1]) + 1).tolist()
+        firsts = [0, *cuts]
+        values = part[firsts].tolist()
+        ends = [*cuts, len(part)]
+        return [(start + a, start + b, v) for a, b, v in zip(firsts, ends, values, strict=True)]
+
     def zero_ranges(self, start: int = 0, stop: int | None = None) -> list[PageRange]:
         """The ranges in ``[start, stop)`` whose count is zero."""
         return [(a, b) for a, b, c in self.runs(start, stop) if c == 0]
 
     def mapped_pages(self) -> int:
         """How many pages have a count above zero."""
-        return sum(b - a for a, b, c in self.runs() if c > 0)
+        total = sum(b - a for a, b, c in self._stored_runs(0, self.npages) if c > 0)
+        if self._dense:
+            import numpy as np
+
+            total += sum(int(np.count_nonzero(_numpy(d))) for d in self._dense.values())
+        return total
 
     def diff(self, other: MapCounts) -> list[tuple[int, int, int, int]]:
         """Where two count sets differ: ``(start, stop, ours, theirs)``, coalesced."""
         if other.npages != self.npages:
             raise ValueError(f"cannot compare {self.npages} pages with {other.npages}")
-        bounds = sorted({*self._starts, *other._starts, self.npages})
+        bounds = sorted(
+            {*(a for a, _, _ in self.runs()), *(a for a, _, _ in other.runs()), self.npages}
+        )
         out: list[tuple[int, int, int, int]] = []
         for a, b in itertools.pairwise(bounds):
             ours, theirs = self.count(a), other.count(a)
@@ -111,14 +193,19 @@ class MapCounts:
         return out
 
     def nruns(self) -> int:
-        """How many runs the counts take."""
+        """How many runs are stored (a dense chunk is one)."""
         return len(self._starts)
 
+    def ndense(self) -> int:
+        """How many chunks are dense (kept as per-page counts)."""
+        return len(self._dense)
+
     def nbytes(self) -> int:
-        """Memory the runs take, in bytes (the arrays' buffers)."""
+        """Memory the counts take, in bytes (the arrays' buffers)."""
         return (
             self._starts.buffer_info()[1] * self._starts.itemsize
             + self._counts.buffer_info()[1] * self._counts.itemsize
+            + sum(len(d) * d.itemsize for d in self._dense.values())
         )
 
     def _check(self, start: int, stop: int) -> None:
@@ -196,9 +283,204 @@ class MapCounts:
             del counts[first]
         return zeros
 
+    # -- dense chunks ------------------------------------------------------------------
+
+    def _apply_mixed(self, start: int, stop: int, delta: int) -> list[PageRange]:
+        """``[start, stop)`` gains ``delta`` where some chunk is dense: split the range into
+        dense parts and stretches of runs, check them all (a remove changes nothing unless
+        every page has enough), then apply. Returns the ranges now at zero, coalesced."""
+        c = self._counts[bisect_right(self._starts, start) - 1]
+        if c < 0 and stop <= (-c) * self._chunk:  # the common case: inside one dense chunk
+            pieces = [(start, stop, -c - 1)]
+        else:
+            pieces = self._pieces(start, stop)
+        if delta < 0:
+            for a, b, chunk in pieces:
+                low = self._lowest(a, b, chunk)
+                if low[1] < -delta:
+                    raise ValueError(
+                        f"page {low[0]} is not mapped {-delta} times (its count is {low[1]})"
+                    )
+        zeros: list[PageRange] = []
+        for a, b, chunk in pieces:
+            if chunk < 0:
+                got = self._apply_in_run(a, b, delta)
+                zeros += self._apply(a, b, delta) if got is None else got
+            else:
+                zeros += self._dense_apply(chunk, a, b, delta)
+        out: list[PageRange] = []
+        for a, b in zeros:  # a stretch may end where a dense chunk's zeros begin
+            if out and out[-1][1] == a:
+                out[-1] = (out[-1][0], b)
+            else:
+                out.append((a, b))
+        return out
+
+    def _pieces(self, start: int, stop: int) -> list[tuple[int, int, int]]:
+        """``(a, b, chunk)`` covering ``[start, stop)``: chunk -1 for a stretch of runs."""
+        starts, counts, size = self._starts, self._counts, self._chunk
+        first = bisect_right(starts, start) - 1
+        last = bisect_left(starts, stop)
+        out: list[tuple[int, int, int]] = []
+        pos = start
+        for k in _negative(counts, first, last):
+            chunk = -counts[k] - 1
+            a = max(start, chunk * size)
+            b = min(stop, chunk * size + size, self.npages)
+            if pos < a:
+                out.append((pos, a, -1))
+            out.append((a, b, chunk))
+            pos = b
+        if pos < stop:
+            out.append((pos, stop, -1))
+        return out
+
+    def _lowest(self, start: int, stop: int, chunk: int) -> tuple[int, int]:
+        """``(page, count)`` of the lowest count in a piece (the first such page)."""
+        if chunk >= 0:
+            base = chunk * self._chunk
+            dense = self._dense[chunk]
+            if stop - start <= _VECTOR_RUNS:
+                low = min(dense[start - base : stop - base])
+                return start + dense.index(low, start - base), low
+            part = _numpy(dense)[start - base : stop - base]
+            i = int(part.argmin())
+            return start + i, int(part[i])
+        starts, counts = self._starts, self._counts
+        first = bisect_right(starts, start) - 1
+        last = bisect_left(starts, stop)
+        k = min(range(first, last), key=counts.__getitem__)
+        return max(start, starts[k]), counts[k]
+
+    def _dense_apply(self, chunk: int, start: int, stop: int, delta: int) -> list[PageRange]:
+        """A checked change to part of a dense chunk; the ranges now at zero."""
+        base = chunk * self._chunk
+        dense = self._dense[chunk]
+        i, j = start - base, stop - base
+        edges = self._edges[chunk] - _changes_at(dense, i, j)  # inside, nothing changes
+        small = j - i <= _VECTOR_RUNS
+        high = (max(dense[i:j]) if small else int(_numpy(dense)[i:j].max())) if delta > 0 else 0
+        if high + delta > _MAX[dense.typecode]:
+            dense = self._dense[chunk] = array(_code_for(high + delta), dense)  # wider
+        zeros: list[PageRange] = []
+        if small:
+            for x in range(i, j):
+                c = dense[x] = dense[x] + delta
+                if c == 0:
+                    if zeros and zeros[-1][1] == base + x:
+                        zeros[-1] = (zeros[-1][0], base + x + 1)
+                    else:
+                        zeros.append((base + x, base + x + 1))
+        else:
+            zeros = _numpy_apply(dense, i, j, delta, base)
+        edges = self._edges[chunk] = edges + _changes_at(dense, i, j)
+        if edges < max(1, self._densify_at // 4):
+            self._sparsify(chunk)  # few runs left: they take less memory again
+        return zeros
+
+    def _maybe_densify(self, start: int, stop: int) -> None:
+        """Make the chunks at the edges of a range dense if their runs grew too many (an
+        add or remove makes new runs only where its range begins and ends)."""
+        starts, size = self._starts, self._chunk
+        for chunk in {start // size, (stop - 1) // size}:
+            if chunk in self._dense:
+                continue
+            lo, hi = chunk * size, min(chunk * size + size, self.npages)
+            if bisect_left(starts, hi) - bisect_right(starts, lo) + 1 > self._densify_at:
+                self._densify(chunk, lo, hi)
+
+    def _densify(self, chunk: int, lo: int, hi: int) -> None:
+        import numpy as np
+
+        runs = list(self._stored_runs(lo, hi))
+        values = [c for _, _, c in runs]
+        code = _code_for(max(values))
+        dense = array(code)
+        dense.frombytes(
+            np.repeat(np.array(values, dtype=code), [b - a for a, b, _ in runs]).tobytes()
+        )
+        starts, counts = self._starts, self._counts
+        k = self._split(lo)
+        end = self._split(hi)
+        del starts[k + 1 : end]
+        del counts[k + 1 : end]
+        counts[k] = -chunk - 1
+        self._dense[chunk] = dense
+        self._edges[chunk] = len(runs) - 1
+
+    def _sparsify(self, chunk: int) -> None:
+        """A dense chunk back to runs, merged with its neighbours."""
+        lo = chunk * self._chunk
+        runs = self._dense_runs(chunk, lo, lo + len(self._dense[chunk]))
+        del self._dense[chunk]
+        del self._edges[chunk]
+        starts, counts = self._starts, self._counts
+        k = bisect_left(starts, lo)
+        starts[k : k + 1] = array("q", [a for a, _, _ in runs])
+        counts[k : k + 1] = array("q", [c for _, _, c in runs])
+        end = k + len(runs)
+        if end < len(starts) and counts[end] == counts[end - 1]:
+            del starts[end]
+            del counts[end]
+        if k > 0 and counts[k] == counts[k - 1]:
+            del starts[k]
+            del counts[k]
+
 
 _VECTOR_RUNS = 32
 """Ranges spanning more runs than this are updated by numpy, not a Python loop."""
+
+
+_MAX = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF}
+"""The largest count each kind of dense chunk holds."""
+
+
+def _code_for(count: int) -> str:
+    """The narrowest array type that holds ``count``."""
+    return next(code for code, top in _MAX.items() if count <= top)
+
+
+def _numpy(dense: Dense[int]) -> Any:
+    """A numpy view of a dense chunk (it never resizes: nothing stops the export)."""
+    import numpy as np
+
+    return np.frombuffer(dense, dtype=dense.typecode)
+
+
+def _numpy_apply(dense: Dense[int], i: int, j: int, delta: int, base: int) -> list[PageRange]:
+    """``dense[i:j] += delta`` in C (counts checked already); the ranges now at zero."""
+    import numpy as np
+
+    part = _numpy(dense)[i:j]
+    if delta > 0:
+        part += delta
+        return []
+    part -= -delta
+    hit = np.flatnonzero(part == 0)
+    if not hit.size:
+        return []
+    cuts = np.flatnonzero(np.diff(hit) != 1)
+    firsts = hit[np.concatenate(([0], cuts + 1))].tolist()
+    lasts = hit[np.concatenate((cuts, [hit.size - 1]))].tolist()
+    return [(base + i + a, base + i + b + 1) for a, b in zip(firsts, lasts, strict=True)]
+
+
+def _changes_at(dense: Dense[int], i: int, j: int) -> int:
+    """How many of the two edges of ``dense[i:j]`` are places where the count changes."""
+    left = i > 0 and dense[i - 1] != dense[i]
+    right = j < len(dense) and dense[j - 1] != dense[j]
+    return int(left) + int(right)
+
+
+def _negative(counts: array[int], first: int, last: int) -> list[int]:
+    """Indices in ``[first, last)`` of the runs that stand for dense chunks."""
+    if last - first <= _VECTOR_RUNS:
+        return [k for k in range(first, last) if counts[k] < 0]
+    import numpy as np
+
+    view = np.frombuffer(counts, dtype=np.int64)[first:last]
+    found: list[int] = (np.flatnonzero(view < 0) + first).tolist()
+    return found
 
 
 def _apply_vectorized(

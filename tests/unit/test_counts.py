@@ -87,9 +87,11 @@ def model_zeros(intervals: list[Range], start: int, stop: int) -> list[Range]:
 
 
 class CountsMachine(RuleBasedStateMachine):
+    chunk_pages = counts_module.DENSE_CHUNK
+
     def __init__(self) -> None:
         super().__init__()
-        self.counts = MapCounts(NPAGES)
+        self.counts = MapCounts(NPAGES, chunk_pages=self.chunk_pages)
         self.intervals: list[Range] = []  # added now, a multiset (n counts: n copies)
         self.probes: set[int] = {0, NPAGES - 1}
 
@@ -210,7 +212,8 @@ class CountsMachine(RuleBasedStateMachine):
         runs = list(self.counts.runs())
         assert runs == model_runs(self.intervals)
         assert all(x[2] != y[2] for x, y in itertools.pairwise(runs)), "neighbours not merged"
-        assert self.counts.nruns() == len(runs)
+        if not self.counts.ndense():
+            assert self.counts.nruns() == len(runs)
         assert self.counts.mapped_pages() == sum(b - a for a, b, c in runs if c)
         assert self.counts.zero_ranges() == [(a, b) for a, b, c in runs if c == 0]
         assert self.counts.diff(MapCounts(NPAGES)) == [(a, b, c, 0) for a, b, c in runs if c]
@@ -225,12 +228,59 @@ class CountsMachine(RuleBasedStateMachine):
 
     @invariant()
     def memory_is_small(self) -> None:
-        # 16 bytes a run, plus the arrays' over-allocation: nothing per page.
-        assert self.counts.nbytes() <= 16 * (2 * self.counts.nruns() + 32)
+        # 16 bytes a run, plus the arrays' over-allocation, plus at most 4 bytes a page of
+        # a dense chunk (1 unless a count passed 255): nothing per page elsewhere.
+        dense = self.counts.ndense() * 4 * self.chunk_pages
+        assert self.counts.nbytes() <= 16 * (2 * self.counts.nruns() + 32) + dense
+        if self.counts.ndense():
+            event("some chunk is dense")
 
 
 CountsMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
 TestCounts = CountsMachine.TestCase
+
+
+class SmallChunksMachine(CountsMachine):
+    """The same with 12-page chunks (the last one cut short): chunks turn dense and back
+    all the time, and ranges cross between dense chunks and runs."""
+
+    chunk_pages = 12
+
+
+SmallChunksMachine.TestCase.settings = CountsMachine.TestCase.settings
+TestCountsWithDenseChunks = SmallChunksMachine.TestCase
+
+
+def test_alternating_counts_turn_dense_and_back() -> None:
+    """ubd-mmap's pattern: every other page of a mapped range loses its count."""
+    counts = MapCounts(1 << 18)  # 1 GiB of 4 KiB pages
+    counts.add(0, 1 << 18)
+    for page in range(0, 1 << 18, 2):
+        assert counts.remove(page, page + 1) == [(page, page + 1)]
+    assert counts.ndense() == 64  # every chunk
+    assert counts.nbytes() <= (1 << 18) + 4096  # a byte a page: 256 KiB a GiB
+    assert counts.count(2) == 0 and counts.count(3) == 1
+    assert counts.mapped_pages() == 1 << 17
+    for page in range(0, 1 << 18, 2):
+        counts.add(page, page + 1)
+    assert counts.ndense() == 0
+    assert list(counts.runs()) == [(0, 1 << 18, 1)]
+
+
+def test_a_dense_chunk_widens_for_big_counts() -> None:
+    counts = MapCounts(64, chunk_pages=16)
+    for page in range(0, 16, 2):
+        counts.add(page, page + 1)
+    assert counts.ndense() == 1
+    small = counts.nbytes()
+    counts.add(2, 3, 299)
+    assert counts.count(2) == 300 and counts.nbytes() == small + 16  # 2 bytes a page
+    counts.add(0, 1, 70_000)
+    assert counts.count(0) == 70_001 and counts.nbytes() == small + 3 * 16  # 4 bytes a page
+    assert counts.count(2) == 300
+    assert counts.remove(0, 1, 70_001) == [(0, 1)]
+    with pytest.raises(ValueError, match="page 0 is not mapped 1 times"):
+        counts.remove(0, 2)
 
 
 def test_empty_tib_costs_one_run() -> None:
