@@ -17,7 +17,7 @@ pages whose runs would take more memory than one byte per page becomes *dense*: 
 per-page array of counts (the issue's "chunked per-page array"), standing in the runs
 as one run whose count is ``-(chunk + 1)``, a sentinel no neighbour can equal. It turns back
 into runs once few enough remain. Counts take a byte a page until one passes 255, then two,
-then (past 65,535) four.
+then (past 65,535) four, or eight.
 """
 
 from __future__ import annotations
@@ -72,13 +72,14 @@ class MapCounts:
 
     def add(self, start: int, stop: int, n: int = 1) -> None:
         """Every page in ``[start, stop)`` gains ``n`` counts."""
-        if not 0 <= start < stop <= self.npages:
-            self._check(start, stop)
+        if not 0 <= start < stop <= self.npages or n < 1:
+            self._check(start, stop, n)
+        before = len(self._starts)
         if self._dense:
             self._apply_mixed(start, stop, n)
         elif self._apply_in_run(start, stop, n) is None:
             self._apply(start, stop, n)
-        if len(self._starts) > self._densify_at:
+        if len(self._starts) > max(before, self._densify_at):
             self._maybe_densify(start, stop)
 
     def remove(self, start: int, stop: int, n: int = 1) -> list[PageRange]:
@@ -87,13 +88,14 @@ class MapCounts:
         The ranges come sorted, ready to be punched. Raises ValueError, and changes
         nothing, if any page in the range has fewer than ``n`` counts to lose.
         """
-        if not 0 <= start < stop <= self.npages:
-            self._check(start, stop)
+        if not 0 <= start < stop <= self.npages or n < 1:
+            self._check(start, stop, n)
+        before = len(self._starts)
         if self._dense:
             zeros = self._apply_mixed(start, stop, -n)
         else:
             zeros = self._remove_runs(start, stop, n)
-        if len(self._starts) > self._densify_at:
+        if len(self._starts) > max(before, self._densify_at):  # only new runs can tip a chunk
             self._maybe_densify(start, stop)
         return zeros
 
@@ -208,11 +210,13 @@ class MapCounts:
             + sum(len(d) * d.itemsize for d in self._dense.values())
         )
 
-    def _check(self, start: int, stop: int) -> None:
+    def _check(self, start: int, stop: int, n: int = 1) -> None:
         if not (0 <= start < stop <= self.npages):
             raise ValueError(
                 f"page range [{start}, {stop}) is not a non-empty range within [0, {self.npages})"
             )
+        if n < 1:
+            raise ValueError(f"a count changes by at least 1, not {n!r}")
 
     def _split(self, page: int) -> int:
         """Make ``page`` the start of a run; returns that run's index."""
@@ -349,7 +353,12 @@ class MapCounts:
         starts, counts = self._starts, self._counts
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)
-        k = min(range(first, last), key=counts.__getitem__)
+        if last - first > _VECTOR_RUNS:
+            import numpy as np
+
+            k = first + int(np.frombuffer(counts, dtype=np.int64)[first:last].argmin())
+        else:
+            k = min(range(first, last), key=counts.__getitem__)
         return max(start, starts[k]), counts[k]
 
     def _dense_apply(self, chunk: int, start: int, stop: int, delta: int) -> list[PageRange]:
@@ -382,7 +391,8 @@ class MapCounts:
         """Make the chunks at the edges of a range dense if their runs grew too many (an
         add or remove makes new runs only where its range begins and ends)."""
         starts, size = self._starts, self._chunk
-        for chunk in {start // size, (stop - 1) // size}:
+        edges = (start // size, (stop - 1) // size)
+        for chunk in edges[:1] if edges[0] == edges[1] else edges:
             if chunk in self._dense:
                 continue
             lo, hi = chunk * size, min(chunk * size + size, self.npages)
@@ -431,7 +441,7 @@ _VECTOR_RUNS = 32
 """Ranges spanning more runs than this are updated by numpy, not a Python loop."""
 
 
-_MAX = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF}
+_MAX = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF, "Q": 0xFFFF_FFFF_FFFF_FFFF}
 """The largest count each kind of dense chunk holds."""
 
 

@@ -307,3 +307,24 @@ def test_bad_ranges_raise(start: int, stop: int) -> None:
         with pytest.raises(ValueError, match=rf"\[{start}, {stop}\)"):
             call(start, stop)
     assert list(counts.runs()) == before
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_a_change_of_less_than_one_is_refused(n: int) -> None:
+    counts = MapCounts(64, chunk_pages=4)
+    counts.add(0, 1)
+    counts.add(2, 3)  # chunk 0 dense
+    before = list(counts.runs())
+    for call in (counts.add, counts.remove):
+        with pytest.raises(ValueError, match=f"at least 1, not {n}"):
+            call(0, 8, n)
+    assert list(counts.runs()) == before
+
+
+def test_counts_past_32_bits_in_dense_chunks() -> None:
+    counts = MapCounts(8, chunk_pages=4)
+    counts.add(4, 5)
+    counts.add(6, 7)  # chunk 1 dense
+    counts.add(0, 8, 2**32)
+    assert [counts.count(p) for p in range(8)] == [2**32] * 4 + [2**32 + 1, 2**32] * 2
+    assert counts.remove(0, 8, 2**32) == [(0, 4), (5, 6), (7, 8)]
