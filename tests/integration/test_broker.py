@@ -650,3 +650,33 @@ def test_a_map_the_daemon_refuses_leaves_no_mapping(daemon: Served) -> None:
         kept.close()
         assert obj.resident_bytes() == 0
         obj.close()
+
+
+def test_a_client_cannot_make_the_daemons_memory_its_own(daemon: Served) -> None:
+    """MAP requests that count far more separate ranges than a process can map (the kernel
+    stops at vm.max_map_count) are refused with ENOMEM; the daemon and others go on."""
+    from devanon.broker import objects
+
+    stride = 32 * PS  # 128 ranges a chunk: they stay runs, two each
+    size = stride * (objects.MAX_CLIENT_RUNS // 2 + 4096)
+    with connect(daemon.socket) as greedy, connect(daemon.socket) as other:
+        obj = greedy.open("greedy", size, create=True)
+        per_message = 4000
+        granted = 0
+        with pytest.raises(OSError) as refused:
+            while granted < objects.MAX_CLIENT_RUNS:  # never reached: refused first
+                ranges = [((granted + i) * stride, PS) for i in range(per_message)]
+                greedy.call(wire.Op.MAP, wire.pack_ranges(obj._handle, ranges))
+                granted += per_message
+        assert refused.value.errno == errno.ENOMEM
+        assert "unmap first" in str(refused.value)
+        assert granted * 2 <= objects.MAX_CLIENT_RUNS
+        (info,) = greedy.stat("greedy")
+        assert info["mapped_bytes"] == granted * PS  # the refused request counted nothing
+        mine = other.open("other", 4 * PS, create=True)
+        with mine.map(0, PS):
+            assert mine.map_count(0) == 1
+        mine.close()
+        obj.close()  # its last handle: every count it held goes
+        (info,) = other.stat("greedy")
+        assert info["mapped_bytes"] == 0 and info["count_runs"] == 1

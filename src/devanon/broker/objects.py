@@ -20,6 +20,15 @@ from devanon.punch import punch_pages
 READ = 4
 WRITE = 2
 
+MAX_CLIENT_RUNS = 1 << 18
+"""Runs one client's counts of one object may take (4 MiB). A process holds at most
+vm.max_map_count (65530) mappings, two run boundaries each: a client past this is not
+counting real mappings, and must not make the daemon's memory its own."""
+MAX_CLIENT_DENSE = 1 << 12
+"""Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
+MAX_PINNED_RANGES = 1 << 18
+"""Ranges pinned for forked children of one object, over all pins."""
+
 
 @dataclass(slots=True)
 class Pin:
@@ -108,6 +117,23 @@ class SharedObject:
         """Byte ranges as page ranges; ValueError naming a bad one."""
         return [self.page_range(offset, length) for offset, length in ranges]
 
+    def room_for(self, client: int, nranges: int) -> None:
+        """OSError(ENOMEM), changing nothing, unless ``client`` may map ``nranges`` more
+        ranges (each makes at most two runs, or one more dense chunk)."""
+        holder = self.holders.get(client)
+        if holder is None:
+            return
+        if (
+            holder.nruns() + 2 * nranges > MAX_CLIENT_RUNS
+            or holder.ndense() + nranges > MAX_CLIENT_DENSE
+        ):
+            raise OSError(
+                errno.ENOMEM,
+                f"this client's counts of {self.name!r} take {holder.nruns()} runs and "
+                f"{holder.ndense()} dense chunks: more than the daemon keeps for one client "
+                f"({MAX_CLIENT_RUNS} and {MAX_CLIENT_DENSE}); unmap first",
+            )
+
     def map_one(self, client: int, first: int, last: int) -> None:
         holder = self.holders.get(client)
         if holder is None:
@@ -169,6 +195,13 @@ class SharedObject:
         self.punch(zeros)
 
     def pin(self, lifeline: int, ranges: list[PageRange]) -> None:
+        pinned = sum(len(pin.ranges) for pin in self.pins)
+        if pinned + len(ranges) > MAX_PINNED_RANGES:
+            raise OSError(
+                errno.ENOMEM,
+                f"{self.name!r} has {pinned} ranges pinned for forked children already; "
+                f"the daemon keeps at most {MAX_PINNED_RANGES}",
+            )
         for first, last in ranges:
             self.counts.add(first, last)
         self.pins.append(Pin(lifeline, ranges))

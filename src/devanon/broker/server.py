@@ -290,6 +290,7 @@ class Daemon:
                 raise ValueError(f"no open handle {handle}")
             first, last = obj.page_range(offset, length)
             if op == wire.Op.MAP:
+                obj.room_for(peer.id, 1)
                 self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
                 if peer.id in self.peers:  # not cut off by the send
                     obj.map_one(peer.id, first, last)
@@ -297,6 +298,9 @@ class Daemon:
             obj.unmap_one(peer.id, first, last)
         except ValueError as e:
             self._send(peer, wire.error(op, seq, errno.EINVAL, str(e)))
+            return True
+        except OSError as e:
+            self._send(peer, wire.error(op, seq, e.errno or errno.EIO, e.strerror or str(e)))
             return True
         if not flags & wire.FLAG_NOREPLY:
             self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
@@ -425,7 +429,9 @@ class Daemon:
     def _map(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         handle, ranges = wire.unpack_ranges(req.body)
         obj = self._object(peer, handle)
-        obj.map(peer.id, obj.pages(ranges))
+        pages = obj.pages(ranges)
+        obj.room_for(peer.id, len(pages))
+        obj.map(peer.id, pages)
         return Reply()
 
     def _unmap(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
