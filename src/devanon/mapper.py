@@ -5,10 +5,10 @@ A Mapper keeps, for each piece of this process's address space that it owns, whi
 the mmap/munmap calls, and tells its subclass which page ranges gained or lost a count:
 
 - ``_gain(ranges)`` comes *before* the call that maps the pages, so a count is never
-  missing while a page is mapped (the broker's other clients may unmap it meanwhile).
-  ``_gain_one`` may instead return a confirmation to wait for (the broker's request is on
-  its way): the Mapper makes its mmap meanwhile and waits before it hands the mapping out,
-  so no caller can touch a page before its count is held;
+  missing while a page is mapped (the broker's other clients may unmap it meanwhile). On
+  the hot path, ``_map_counted`` gets the mmap to make: the broker's client sends its
+  request, makes the mmap while the daemon counts, and waits for the yes before the
+  mapping is handed out, so no caller can touch a page before its count is held;
 - ``_lose(ranges)`` comes *after* the call that unmapped them (or laid an overlay over
   them), so a page is never punched while still mapped here.
 
@@ -34,12 +34,14 @@ import threading
 from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
 from collections.abc import Callable
+from functools import partial
 
 from devanon import _checks, _libc
 from devanon.counts import PageRange
 from devanon.views import ViewTracker
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_MAP = _libc.MAP_SHARED
 
 
 class _Segment:
@@ -225,14 +227,22 @@ class Mapper(ABC):
     def _lose(self, ranges: list[PageRange]) -> None:
         """Pages just unmapped: each range loses one count (and is freed at zero)."""
 
-    def _gain_one(self, first: int, last: int) -> Callable[[], None] | None:
-        """``_gain`` of one range (subclasses may make it shorter: it is the hot path).
-
-        May return a confirmation instead: a callable that waits until the count is held,
-        raising (with the count not held) if it was refused. The Mapper always calls it.
-        """
+    def _gain_one(self, first: int, last: int) -> None:
+        """``_gain`` of one range (subclasses may make it shorter: it is the hot path)."""
         self._gain([(first, last)])
-        return None
+
+    def _map_counted(self, first: int, last: int, mmap: Callable[[], int]) -> int:
+        """Gain a count on ``[first, last)`` and make ``mmap()``; returns its address.
+
+        An OSError from the mmap gives the count back. Anything else (an interrupt just as
+        the mapping was made) keeps it: a leaked count never frees a page under a mapping.
+        """
+        self._gain_one(first, last)
+        try:
+            return mmap()
+        except OSError:
+            self._lose_one(first, last)
+            raise
 
     def _lose_one(self, first: int, last: int) -> None:
         """``_lose`` of one range (subclasses may make it shorter: it is the hot path)."""
@@ -283,21 +293,9 @@ class Mapper(ABC):
                 self._check_open()
             self._before_op()
             if address is None:  # the hot path, kept short
-                confirm = self._gain_one(first, last)
-                try:
-                    address = _libc.mmap(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
-                except BaseException as e:
-                    if _confirmed(confirm):
-                        self._lose_one(first, last)
-                    if isinstance(e, OSError):
-                        raise self._mmap_error(e) from None
-                    raise
-                if confirm is not None:
-                    try:
-                        confirm()
-                    except BaseException:
-                        _libc.munmap(address, length)  # one whole mapping: cannot fail
-                        raise
+                address = self._map_counted(
+                    first, last, partial(self._mmap, 0, length, prot, _MAP, offset)
+                )
                 mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
                 mapping._pieces = 1
                 k = bisect_left(self._starts, address)
@@ -692,14 +690,3 @@ class Mapper(ABC):
                     _libc.munmap(seg.start, seg.stop - seg.start)
             lost += self._forget([seg])
         return lost
-
-
-def _confirmed(confirm: Callable[[], None] | None) -> bool:
-    """Wait for a pending count (see ``Mapper._gain_one``); False if it was refused."""
-    if confirm is None:
-        return True
-    try:
-        confirm()
-    except Exception:
-        return False
-    return True

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -503,7 +504,6 @@ def test_default_socket_mode_is_the_owners_alone(socket_dir: Path) -> None:
 
 
 def test_a_client_with_its_own_connection_per_thread_is_not_needed(daemon: Served) -> None:
-    import threading
 
     with connect(daemon.socket) as client:
         obj = client.open("threads", 64 * PS, create=True)
@@ -680,3 +680,86 @@ def test_a_client_cannot_make_the_daemons_memory_its_own(daemon: Served) -> None
         obj.close()  # its last handle: every count it held goes
         (info,) = other.stat("greedy")
         assert info["mapped_bytes"] == 0 and info["count_runs"] == 1
+
+
+def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
+    daemon: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while a MAP's reply is awaited: no mapping, no count, the lock free; and
+    Ctrl-C just after the mmap: the count stays with the (lost) mapping, so the page under
+    it is never punched."""
+    from devanon import _libc
+
+    with connect(daemon.socket) as client:
+        obj = client.open("interrupted", 4 * PS, create=True)
+        real_receive = client._receive
+
+        def interrupted(buf: bytearray) -> Any:
+            monkeypatch.setattr(client, "_receive", real_receive)
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(client, "_receive", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            obj.map(0, PS)
+        assert not client._lock._is_owned()  # type: ignore[attr-defined]
+        obj.flush()  # no late error: the give-back UNMAP's answer is nobody's
+        assert kernel_counts(obj, [os.getpid()]) == {}
+        assert client.verify("interrupted") == []
+
+        keep = obj.map(0, PS)
+        keep.view()[:5] = b"hello"
+        real_mmap = _libc.mmap
+
+        def mmap_then_sigint(*args: int) -> int:
+            monkeypatch.setattr(_libc, "mmap", real_mmap)
+            address = real_mmap(*args)
+            os.kill(os.getpid(), signal.SIGINT)
+            return address
+
+        monkeypatch.setattr(_libc, "mmap", mmap_then_sigint)
+        with pytest.raises(KeyboardInterrupt):
+            obj.map(0, PS)
+        keep.close()
+        obj.flush()
+        assert client.verify("interrupted") == []  # the lost mapping is still counted
+        assert obj.resident_bytes() == PS  # so "hello" was not punched under it
+        st = os.fstat(obj.fd)
+        with open("/proc/self/maps") as f:  # the lost mapping: tidy up
+            for line in f:
+                fields = line.split()
+                dev = tuple(int(x, 16) for x in fields[3].split(":"))
+                if (int(fields[4]), dev) == (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))):
+                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                    _libc.munmap(lo, hi - lo)
+        obj.close()
+
+
+def test_a_call_made_while_a_map_waits_does_not_steal_its_reply(
+    daemon: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal handler may use the client in the middle of a map (the lock is reentrant):
+    each waiter gets its own reply."""
+    from devanon import _libc
+
+    with connect(daemon.socket) as client:
+        obj = client.open("reentrant", 4 * PS, create=True)
+        real_mmap = _libc.mmap
+        seen: list[int] = []
+
+        def mmap_and_stat(*args: int) -> int:
+            monkeypatch.setattr(_libc, "mmap", real_mmap)
+            address = real_mmap(*args)
+            seen.append(client.stat("reentrant")[0]["mapped_bytes"])
+            return address
+
+        monkeypatch.setattr(_libc, "mmap", mmap_and_stat)
+        made: list[Any] = []
+        mapper = threading.Thread(target=lambda: made.append(obj.map(0, PS)), daemon=True)
+        mapper.start()
+        mapper.join(10)
+        assert not mapper.is_alive(), "the map waits for a reply somebody else took"
+        assert seen == [PS]  # the MAP was counted before the stat's answer
+        made[0].close()
+        obj.flush()
+        assert client._late_errors == []
+        obj.close()

@@ -20,9 +20,9 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
-from devanon import forking
+from devanon import _libc, forking
 from devanon.broker import protocol as wire
 from devanon.broker.server import default_socket_path
 from devanon.counts import PageRange
@@ -52,7 +52,29 @@ class SharedStats:
     """One entry per client holding counts: pid, uid, mapped_bytes."""
 
 
-def _raise(code: int, message: str) -> None:
+def _result(status: int, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
+    """A reply's body and descriptors, or the daemon's error raised."""
+    if status == wire.STATUS_OK:
+        return body, fds
+    for fd in fds:
+        os.close(fd)
+    (code,) = wire.ERROR.unpack_from(body)
+    _raise(code, _error_text(body))
+
+
+def _error_text(body: bytes) -> str:
+    return body[wire.ERROR.size :].decode("utf-8", "replace")
+
+
+def _take(seqs: set[int], seq: int) -> bool:
+    """Remove ``seq`` from ``seqs``; True if it was there."""
+    if seq in seqs:
+        seqs.discard(seq)
+        return True
+    return False
+
+
+def _raise(code: int, message: str) -> NoReturn:
     if code == errno.EINVAL:
         raise ValueError(message)
     raise OSError(code, message)  # FileNotFoundError, PermissionError, ... by errno
@@ -68,6 +90,12 @@ class Client:
         self._seq = 0
         self._late_errors: list[str] = []
         self._reply = bytearray(wire.MAX_MESSAGE)
+        self._pending: set[int] = set()
+        """Requests whose replies someone waits for."""
+        self._early: dict[int, tuple[int, bytes, list[int]]] = {}
+        """Replies read while waiting for another: ``(status, body, descriptors)``."""
+        self._unwanted: set[int] = set()
+        """Posted requests whose refusal nobody needs to hear of."""
         self.generation = 0
         """Bumped on every (re)connection: handles belong to one connection."""
         self._sock = self._connect()
@@ -91,6 +119,7 @@ class Client:
         may have been held by a thread that the child does not have: make a new one."""
         self._lock = threading.RLock()
         self._late_errors = []
+        self._pending, self._early, self._unwanted = set(), {}, set()
         self._sock.close()
         self._pid = -1
 
@@ -120,26 +149,49 @@ class Client:
             else:
                 self._transmit(message, None)
 
-    def start_map(self, handle: int, offset: int, length: int) -> Callable[[], None]:
-        """Send a MAP of one range and return the wait for its reply: the caller makes its
-        mmap while the daemon counts. The connection is this caller's until it waits (the
-        lock is held): it must call the wait, once."""
-        lock = self._lock
-        lock.acquire()
-        try:
+    def map_while(self, handle: int, offset: int, length: int, mmap: Callable[[], int]) -> int:
+        """MAP one range, making ``mmap()`` while the daemon counts; returns its address.
+
+        The address is handed out only once the daemon said yes: on a refusal the mapping
+        is undone and the daemon's error raised; an OSError from ``mmap`` gives the count
+        back. Interrupted while waiting (the daemon may have counted it), the mapping is
+        undone and an UNMAP follows, whose answer nobody needs.
+        """
+        with self._lock:
             seq = self._next_seq()
             self._transmit(wire.MAP_ONE.pack(wire.Op.MAP, 0, seq, handle, offset, length), None)
-        except BaseException:
-            lock.release()
-            raise
-
-        def wait() -> None:
+            self._pending.add(seq)
+            try:
+                address = mmap()
+            except OSError:
+                try:
+                    self._await(seq)
+                except Exception:
+                    pass  # refused (or the daemon is gone): nothing to give back
+                else:
+                    self._post_unmap(handle, offset, length, wanted=True)
+                raise
+            except BaseException:
+                self._pending.discard(seq)  # its answer, when it comes, is nobody's
+                raise  # (an interrupt: the mapping may exist, so the count stays)
             try:
                 self._await(seq)
-            finally:
-                lock.release()
+            except Exception:
+                _libc.munmap(address, length)  # the daemon said no, or went away
+                raise
+            except BaseException:
+                _libc.munmap(address, length)
+                self._post_unmap(handle, offset, length, wanted=False)
+                raise
+            return address
 
-        return wait
+    def _post_unmap(self, handle: int, offset: int, length: int, *, wanted: bool) -> None:
+        """Post an UNMAP of one range; unless ``wanted``, a refusal of it is not reported."""
+        seq = self._next_seq()
+        flags = wire.FLAG_NOREPLY
+        self._transmit(wire.MAP_ONE.pack(wire.Op.UNMAP, flags, seq, handle, offset, length), None)
+        if not wanted:
+            self._unwanted.add(seq)
 
     def _next_seq(self) -> int:
         if self._pid < 0:  # a forked child: the socket was the parent's
@@ -158,10 +210,23 @@ class Client:
 
     def _exchange(self, message: bytes, seq: int, fds: list[int] | None) -> tuple[bytes, list[int]]:
         self._transmit(message, fds)
+        self._pending.add(seq)
         return self._await(seq)
 
     def _await(self, seq: int) -> tuple[bytes, list[int]]:
-        """The reply to request ``seq`` (errors for earlier posted requests are kept)."""
+        """The reply to request ``seq``. Replies come in the order of the requests; on the
+        way, errors for posted requests are kept (``raise_late_errors``), and the reply of
+        another request still awaited (by a signal handler that called us, say) is kept
+        for it."""
+        try:
+            return self._reply_to(seq)
+        finally:
+            self._pending.discard(seq)
+
+    def _reply_to(self, seq: int) -> tuple[bytes, list[int]]:
+        early = self._early.pop(seq, None)
+        if early is not None:
+            return _result(*early)
         buf = self._reply
         while True:
             try:
@@ -174,16 +239,16 @@ class Client:
                     os.close(fd)
                 raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
             _, status, rseq = wire.REPLY.unpack_from(buf)
-            if status == wire.STATUS_OK and rseq == seq:
-                return bytes(buf[wire.REPLY.size : n]), rfds
+            reply = (status, bytes(buf[wire.REPLY.size : n]), rfds)
+            if rseq == seq:
+                return _result(*reply)
+            if rseq in self._pending:
+                self._early[rseq] = reply
+                continue
             for fd in rfds:
                 os.close(fd)
-            text = bytes(buf[wire.REPLY.size + wire.ERROR.size : n]).decode("utf-8", "replace")
-            if rseq != seq:  # an error for an earlier pipelined unmap
-                self._late_errors.append(text)
-                continue
-            (code,) = wire.ERROR.unpack_from(buf, wire.REPLY.size)
-            _raise(code, text)
+            if status != wire.STATUS_OK and not _take(self._unwanted, rseq):
+                self._late_errors.append(_error_text(reply[1]))  # a posted unmap refused
 
     def _receive(self, buf: bytearray) -> tuple[int, list[tuple[int, int, bytes]]]:
         """The next reply. Polls without sleeping for ``spin`` seconds first: the daemon
@@ -401,9 +466,9 @@ class SharedAnon(Mapper):
         ps = self.page_size
         return [(a * ps, (b - a) * ps) for a, b in ranges]
 
-    def _gain_one(self, first: int, last: int) -> Callable[[], None]:
+    def _map_counted(self, first: int, last: int, mmap: Callable[[], int]) -> int:
         ps = self.page_size
-        return self.client.start_map(self._handle, first * ps, (last - first) * ps)
+        return self.client.map_while(self._handle, first * ps, (last - first) * ps, mmap)
 
     def _lose_one(self, first: int, last: int) -> None:
         if self._generation == self.client.generation:

@@ -257,7 +257,8 @@ class Daemon:
                 return
             if n == _FAST_SIZE and not ancillary and buf[0] in _FAST_OPS:
                 if self._map_or_unmap(peer):
-                    return  # a client waits for this reply: it sends nothing more till then
+                    return  # answered: a MAP's client sends nothing more till it reads this
+                    # (epoll is level-triggered: whatever else it sent wakes us again)
                 continue
             fds = wire.descriptors(ancillary)
             if n == 0 and not fds:
