@@ -224,9 +224,8 @@ class Client:
             self._pending.discard(seq)
 
     def _reply_to(self, seq: int) -> tuple[bytes, list[int]]:
-        early = self._early.pop(seq, None)
-        if early is not None:
-            return _result(*early)
+        if self._early and seq in self._early:
+            return _result(*self._early.pop(seq))
         buf = self._reply
         while True:
             try:
@@ -239,6 +238,8 @@ class Client:
                     os.close(fd)
                 raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
             _, status, rseq = wire.REPLY.unpack_from(buf)
+            if rseq == seq and status == wire.STATUS_OK:  # the common case, kept short
+                return (bytes(buf[wire.REPLY.size : n]) if n > wire.REPLY.size else b""), rfds
             reply = (status, bytes(buf[wire.REPLY.size : n]), rfds)
             if rseq == seq:
                 return _result(*reply)
