@@ -6,9 +6,9 @@ the mmap/munmap calls, and tells its subclass which page ranges gained or lost a
 
 - ``_gain(ranges)`` comes *before* the call that maps the pages, so a count is never
   missing while a page is mapped (the broker's other clients may unmap it meanwhile). On
-  the hot path, ``_map_counted`` gets the mmap to make: the broker's client sends its
-  request, makes the mmap while the daemon counts, and waits for the yes before the
-  mapping is handed out, so no caller can touch a page before its count is held;
+  the hot path, ``_map_counted`` does both: the broker's client sends its request, makes
+  the mmap while the daemon counts, and waits for the yes before the mapping is handed
+  out, so no caller can touch a page before its count is held;
 - ``_lose(ranges)`` comes *after* the call that unmapped them (or laid an overlay over
   them), so a page is never punched while still mapped here.
 
@@ -33,15 +33,12 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
-from collections.abc import Callable
-from functools import partial
 
 from devanon import _checks, _libc
 from devanon.counts import PageRange
 from devanon.views import ViewTracker
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
-_MAP = _libc.MAP_SHARED
 
 
 class _Segment:
@@ -231,18 +228,20 @@ class Mapper(ABC):
         """``_gain`` of one range (subclasses may make it shorter: it is the hot path)."""
         self._gain([(first, last)])
 
-    def _map_counted(self, first: int, last: int, mmap: Callable[[], int]) -> int:
-        """Gain a count on ``[first, last)`` and make ``mmap()``; returns its address.
+    def _map_counted(self, first: int, last: int, prot: int, offset: int) -> int:
+        """Gain a count on pages ``[first, last)`` and mmap them (from byte ``offset``,
+        MAP_SHARED, anywhere); returns the address.
 
         An OSError from the mmap gives the count back. Anything else (an interrupt just as
         the mapping was made) keeps it: a leaked count never frees a page under a mapping.
         """
         self._gain_one(first, last)
+        length = (last - first) * self.page_size
         try:
-            return mmap()
-        except OSError:
+            return _libc.mmap(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
+        except OSError as e:
             self._lose_one(first, last)
-            raise
+            raise self._mmap_error(e) from None
 
     def _lose_one(self, first: int, last: int) -> None:
         """``_lose`` of one range (subclasses may make it shorter: it is the hot path)."""
@@ -293,9 +292,7 @@ class Mapper(ABC):
                 self._check_open()
             self._before_op()
             if address is None:  # the hot path, kept short
-                address = self._map_counted(
-                    first, last, partial(self._mmap, 0, length, prot, _MAP, offset)
-                )
+                address = self._map_counted(first, last, prot, offset)
                 mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
                 mapping._pieces = 1
                 k = bisect_left(self._starts, address)

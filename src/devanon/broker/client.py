@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, NoReturn
 
 from devanon import _libc, forking
@@ -467,9 +468,10 @@ class SharedAnon(Mapper):
         ps = self.page_size
         return [(a * ps, (b - a) * ps) for a, b in ranges]
 
-    def _map_counted(self, first: int, last: int, mmap: Callable[[], int]) -> int:
-        ps = self.page_size
-        return self.client.map_while(self._handle, first * ps, (last - first) * ps, mmap)
+    def _map_counted(self, first: int, last: int, prot: int, offset: int) -> int:
+        length = (last - first) * self.page_size
+        mmap = partial(self._mmap, 0, length, prot, _libc.MAP_SHARED, offset)
+        return self.client.map_while(self._handle, offset, length, mmap)
 
     def _lose_one(self, first: int, last: int) -> None:
         if self._generation == self.client.generation:
