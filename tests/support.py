@@ -8,3 +8,37 @@ import pytest
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (CI runs as root)")
+
+
+def interrupt_after_next_mmap(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the next ``_libc.mmap`` succeed, then SIGINT this process: KeyboardInterrupt
+    comes just after the mapping exists, before its caller has its address."""
+    import signal
+
+    from devanon import _libc
+
+    real_mmap = _libc.mmap
+
+    def mmap_then_sigint(*args: int) -> int:
+        monkeypatch.setattr(_libc, "mmap", real_mmap)
+        address = real_mmap(*args)
+        os.kill(os.getpid(), signal.SIGINT)
+        return address
+
+    monkeypatch.setattr(_libc, "mmap", mmap_then_sigint)
+
+
+def unmap_every_mapping_of(st: os.stat_result) -> None:
+    """munmap what this process maps of the file ``st`` (a mapping lost by a test)."""
+    from devanon import _libc
+
+    with open("/proc/self/maps") as f:
+        lines = [line.split() for line in f]
+    for fields in lines:
+        major, minor = (int(x, 16) for x in fields[3].split(":"))
+        if int(fields[4]) == st.st_ino and (major, minor) == (
+            os.major(st.st_dev),
+            os.minor(st.st_dev),
+        ):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            _libc.munmap(lo, hi - lo)

@@ -277,15 +277,21 @@ class MapCounts:
                 if c == 0:
                     zeros.append((starts[k], starts[k + 1] if k + 1 < len(starts) else self.npages))
         # Runs inside the range stay distinct (all moved by the same delta); only the two
-        # edges may now equal their outside neighbours. The right edge first, so that
-        # ``first`` still indexes the same run.
+        # edges may now equal their outside neighbours.
+        self._merge_edges(first, last)
+        return zeros
+
+    def _merge_edges(self, first: int, last: int) -> None:
+        """Merge runs ``first`` and ``last`` (the first run past a changed stretch) with
+        their left neighbours if the counts are equal. The right edge first, so that
+        ``first`` still indexes the same run."""
+        starts, counts = self._starts, self._counts
         if last < len(starts) and counts[last] == counts[last - 1]:
             del starts[last]
             del counts[last]
         if first > 0 and counts[first] == counts[first - 1]:
             del starts[first]
             del counts[first]
-        return zeros
 
     # -- dense chunks ------------------------------------------------------------------
 
@@ -428,13 +434,7 @@ class MapCounts:
         k = bisect_left(starts, lo)
         starts[k : k + 1] = array("q", [a for a, _, _ in runs])
         counts[k : k + 1] = array("q", [c for _, _, c in runs])
-        end = k + len(runs)
-        if end < len(starts) and counts[end] == counts[end - 1]:
-            del starts[end]
-            del counts[end]
-        if k > 0 and counts[k] == counts[k - 1]:
-            del starts[k]
-            del counts[k]
+        self._merge_edges(k, k + len(runs))
 
 
 _VECTOR_RUNS = 32

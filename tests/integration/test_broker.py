@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from broker_daemon import Served, start_daemon, wait_for
+from support import interrupt_after_next_mmap, unmap_every_mapping_of
 
 from devanon.broker import BrokerError, Client, SharedAnon, connect
 from devanon.broker import protocol as wire
@@ -688,7 +689,6 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
     """Ctrl-C while a MAP's reply is awaited: no mapping, no count, the lock free; and
     Ctrl-C just after the mmap: the count stays with the (lost) mapping, so the page under
     it is never punched."""
-    from devanon import _libc
 
     with connect(daemon.socket) as client:
         obj = client.open("interrupted", 4 * PS, create=True)
@@ -708,29 +708,14 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
 
         keep = obj.map(0, PS)
         keep.view()[:5] = b"hello"
-        real_mmap = _libc.mmap
-
-        def mmap_then_sigint(*args: int) -> int:
-            monkeypatch.setattr(_libc, "mmap", real_mmap)
-            address = real_mmap(*args)
-            os.kill(os.getpid(), signal.SIGINT)
-            return address
-
-        monkeypatch.setattr(_libc, "mmap", mmap_then_sigint)
+        interrupt_after_next_mmap(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             obj.map(0, PS)
         keep.close()
         obj.flush()
         assert client.verify("interrupted") == []  # the lost mapping is still counted
         assert obj.resident_bytes() == PS  # so "hello" was not punched under it
-        st = os.fstat(obj.fd)
-        with open("/proc/self/maps") as f:  # the lost mapping: tidy up
-            for line in f:
-                fields = line.split()
-                dev = tuple(int(x, 16) for x in fields[3].split(":"))
-                if (int(fields[4]), dev) == (st.st_ino, (os.major(st.st_dev), os.minor(st.st_dev))):
-                    lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                    _libc.munmap(lo, hi - lo)
+        unmap_every_mapping_of(os.fstat(obj.fd))  # the lost mapping: tidy up
         obj.close()
 
 

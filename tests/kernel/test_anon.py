@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import oracle
 import pytest
+from support import interrupt_after_next_mmap, unmap_every_mapping_of
 
 import devanon
 
@@ -274,27 +275,14 @@ def test_a_terabyte_anon_costs_nothing_until_used() -> None:
 def test_an_interrupt_just_after_mmap_keeps_the_count(monkeypatch: pytest.MonkeyPatch) -> None:
     """The mapping exists but its address is lost: its count must stay, or closing the
     other mapping would punch a page that is still mapped."""
-    import signal
-
-    from devanon import _libc
-
     with devanon.Anon(4 * PS) as anon:
         keep = anon.map(0, PS)
         keep.view()[:5] = b"hello"
-        real_mmap = _libc.mmap
-
-        def mmap_then_sigint(*args: int) -> int:
-            monkeypatch.setattr(_libc, "mmap", real_mmap)
-            address = real_mmap(*args)
-            os.kill(os.getpid(), signal.SIGINT)
-            return address
-
-        monkeypatch.setattr(_libc, "mmap", mmap_then_sigint)
+        interrupt_after_next_mmap(monkeypatch)
         with pytest.raises(KeyboardInterrupt):
             anon.map(0, PS)
         assert anon.map_count(0) == 2 == oracle.maps_counts(anon.fd, PS)[0]
         keep.close()
         assert oracle.resident_bytes(anon.fd) == PS
-        ident = oracle.file_id(anon.fd)
-    for start, end, _ in oracle.maps_entries(ident):  # the lost mapping: tidy up
-        _libc.munmap(start, end - start)
+        st = os.fstat(anon.fd)
+    unmap_every_mapping_of(st)  # the lost mapping: tidy up
