@@ -103,7 +103,9 @@ _lifelines: list[int] = []
 
 
 _track_lock = threading.Lock()
-"""Held while the set changes or is copied (never while waiting for an object's lock)."""
+"""Held while the set changes or is read, and from the moment every object's lock is taken
+until the fork is done, so that no object made meanwhile by another thread slips through
+uncounted. Never held while waiting for an object's lock."""
 
 
 def track(obj: Forkable) -> None:
@@ -117,13 +119,23 @@ def untrack(obj: Forkable) -> None:
 
 
 def _before() -> None:
-    with _track_lock:
-        tracked = list(_live)
-    for obj in tracked:
-        obj._lock.acquire()
-        _held.append((obj, None if obj.closed else os.pipe2(os.O_CLOEXEC)))
-        if not obj.closed:
-            obj._prepare_fork()
+    taken: set[int] = set()
+    while True:
+        _track_lock.acquire()
+        new = [obj for obj in _live if id(obj) not in taken]
+        if not new:
+            return  # _track_lock stays held: released once the fork is done
+        _track_lock.release()
+        try:
+            for obj in new:  # made by another thread while we took the others' locks
+                obj._lock.acquire()
+                taken.add(id(obj))
+                _held.append((obj, None if obj.closed else os.pipe2(os.O_CLOEXEC)))
+                if not obj.closed:
+                    obj._prepare_fork()
+        except BaseException:
+            _track_lock.acquire()  # the after-fork hooks release it, whatever happened
+            raise
 
 
 def _after_in_parent() -> None:
@@ -138,6 +150,7 @@ def _after_in_parent() -> None:
             log.exception("after fork, in the parent: %r", obj)
         finally:
             obj._lock.release()
+    _track_lock.release()
 
 
 def _after_in_child() -> None:

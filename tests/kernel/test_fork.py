@@ -123,3 +123,32 @@ def test_overlaying_an_anon_with_its_own_file_is_refused() -> None:
             mem.overlay(m.address, mem.fd, 0, PS)
         assert mem.map_count(0) == 1
         m.close()
+
+
+def test_an_anon_made_while_fork_takes_the_locks_is_not_inherited_uncounted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another thread may make and map an Anon while the fork hook takes the locks of the
+    ones it knows: that one must be prepared too, or the child would inherit its mapping
+    uncounted, and free the parent's data when it unmaps it."""
+    made: list[devanon.Anon] = []
+    with devanon.Anon(PS) as first:
+        first.map(0, PS)
+        prepare = first._prepare_fork
+
+        def prepare_and_meanwhile_make_another() -> None:
+            prepare()
+            if not made:  # what another thread could do at this moment
+                late = devanon.Anon(PS)
+                late.map(0, PS).view()[:4] = b"late"
+                made.append(late)
+
+        monkeypatch.setattr(first, "_prepare_fork", prepare_and_meanwhile_make_another)
+
+        def child() -> int:
+            return 0 if oracle.maps_counts(made[0].fd, PS) == {} else 1
+
+        assert run_child(child) == 0  # MADV_DONTFORK reached the late mapping too
+    late = made[0]
+    assert late.map_count(0) == 1 and oracle.resident_bytes(late.fd) == PS
+    late.close()
