@@ -748,3 +748,49 @@ def test_a_call_made_while_a_map_waits_does_not_steal_its_reply(
         obj.flush()
         assert client._late_errors == []
         obj.close()
+
+
+def _create_until_refused(conn: Connection, path: str) -> None:
+    """As nobody: create objects until the daemon refuses one; then unlink one and retry."""
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    made, refused = 0, None
+    with connect(path) as client:
+        while refused is None and made <= 2000:
+            try:
+                body, fds = client.call(
+                    wire.Op.OPEN, wire.OPEN.pack(PS, 0o600, wire.OPEN_CREATE) + f"q{made}".encode()
+                )
+            except OSError as e:
+                refused = (e.errno, str(e))
+            else:
+                for fd in fds:
+                    os.close(fd)
+                (handle,) = struct.unpack_from("<I", body)
+                client.call(wire.Op.CLOSE, wire.HANDLE.pack(handle))
+                made += 1
+        client.unlink("q0")
+        _, fds = client.call(wire.Op.OPEN, wire.OPEN.pack(PS, 0o600, wire.OPEN_CREATE) + b"again")
+        for fd in fds:
+            os.close(fd)
+        for i in range(1, made):
+            client.unlink(f"q{i}")
+        client.unlink("again")
+    conn.send((made, refused))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_one_user_cannot_use_up_the_daemon(daemon: Served) -> None:
+    from devanon.broker import server
+
+    proc, conn = worker(_create_until_refused, daemon.socket)
+    assert conn.poll(60)
+    made, refused = conn.recv()
+    proc.join(10)
+    assert made == server.MAX_OBJECTS_PER_UID
+    assert refused is not None and refused[0] == errno.EDQUOT
+    assert "uid 65534 owns 1024 objects" in refused[1]
+    with connect(daemon.socket) as client:  # root is not held, and nothing was left behind
+        assert client.stat() == []
+        client.open("root-still-can", PS, create=True).close()

@@ -19,6 +19,7 @@ import grp
 import json
 import logging
 import os
+import resource
 import select
 import signal
 import socket
@@ -40,6 +41,9 @@ MAX_ERRORS = 16
 """Protocol errors a client may make before it is cut off."""
 MAX_SIZE = 1 << 46
 """The largest object (64 TiB): counts are sparse, but the memfd's size is a promise."""
+MAX_OBJECTS_PER_UID = 1024
+"""Objects one uid may own (unlinked ones count while in use): each holds a descriptor of
+the daemon's, and one user must not use up the daemon for the others. Root is not held."""
 
 
 class DaemonRunning(OSError):
@@ -132,6 +136,7 @@ class Daemon:
 
     @staticmethod
     def _listen(path: str, mode: int, group: str | None) -> socket.socket:
+        _raise_descriptor_limit()
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         if os.path.exists(path):
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -401,6 +406,13 @@ class Daemon:
                 )
             if mode & ~0o777:
                 raise ValueError(f"mode {mode:#o} has bits beyond 0o777")
+            owned = sum(o.uid == peer.uid for o in self._all_objects())
+            if peer.uid != 0 and owned >= MAX_OBJECTS_PER_UID:
+                raise OSError(
+                    errno.EDQUOT,
+                    f"uid {peer.uid} owns {owned} objects already, the most the daemon keeps "
+                    f"for one user: unlink some before creating {name!r}",
+                )
             owner = SharedObject.rights(peer.uid, peer.uid, peer.gid, peer.gids, mode)
             if owner & (READ | (WRITE if writable else 0)) != READ | (WRITE if writable else 0):
                 raise PermissionError(
@@ -544,6 +556,14 @@ class Daemon:
         """Every object's figures, as stat shows root (taken under ``state_lock``)."""
         with self.state_lock:
             return [{**obj.describe(), "clients": len(obj.holders)} for obj in self._all_objects()]
+
+
+def _raise_descriptor_limit() -> None:
+    """Every object and client holds descriptors: allow as many as the hard limit does."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 _BATCH = 16
