@@ -238,7 +238,7 @@ class Daemon:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
         try:
-            pidfd = os.pidfd_open(pid)
+            pidfd = _peer_pidfd(sock, pid)
         except OSError:
             sock.close()  # gone already
             return
@@ -556,6 +556,22 @@ class Daemon:
         """Every object's figures, as stat shows root (taken under ``state_lock``)."""
         with self.state_lock:
             return [{**obj.describe(), "clients": len(obj.holders)} for obj in self._all_objects()]
+
+
+SO_PEERPIDFD = 77
+"""getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
+
+
+def _peer_pidfd(sock: socket.socket, pid: int) -> int:
+    """A pidfd for the client. SO_PEERPIDFD names the very process that connected;
+    pidfd_open(pid), the fallback on older kernels, could name another process that got
+    a dead client's pid in the meantime."""
+    try:
+        (fd,) = struct.unpack("i", sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD, 4))
+    except OSError:
+        return os.pidfd_open(pid)
+    os.set_inheritable(fd, False)
+    return int(fd)
 
 
 def _raise_descriptor_limit() -> None:
