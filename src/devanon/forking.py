@@ -19,7 +19,8 @@ child's exit could free pages its parent still used. Here:
   for all.
 
 The hooks hold every tracked object's lock across fork(), so no child inherits half-updated
-books.
+books; forks go one at a time, and an object another thread makes during one waits until it
+is done (its mapping would reach the child uncounted).
 """
 
 from __future__ import annotations
@@ -102,43 +103,73 @@ _lifelines: list[int] = []
 """In a child: the write ends that tell each ancestor's objects we are alive."""
 
 
-_track_lock = threading.Lock()
-"""Held while the set changes or is read, and from the moment every object's lock is taken
-until the fork is done, so that no object made meanwhile by another thread slips through
-uncounted. Never held while waiting for an object's lock."""
+_track_lock = threading.RLock()
+"""Held only while the set changes or is read (reentrant: a signal handler may close an
+object while its thread reads the set)."""
+_track_cond = threading.Condition(_track_lock)
+_fork_lock = threading.Lock()
+"""One fork at a time: the hooks of two threads forking at once would share ``_held``."""
+_owner: int | None = None
+"""The thread that holds ``_fork_lock`` (its hooks, and nobody else's, do the work)."""
+_forker: int | None = None
+"""Set once the forking thread holds every object's lock, until the fork is done: another
+thread's new object waits in ``track()`` then, so none slips into the child uncounted.
+(Not earlier: a thread that holds an object's lock may be making an object.)"""
+_depth = 0
+"""Forks nested in the forking thread (from a signal handler) do nothing of their own."""
 
 
 def track(obj: Forkable) -> None:
-    with _track_lock:
+    with _track_cond:
+        while _forker is not None and _forker != threading.get_ident():
+            _track_cond.wait()
         _live.add(obj)
 
 
 def untrack(obj: Forkable) -> None:
-    with _track_lock:
+    with _track_lock:  # never waits for a fork: an object gone cannot be inherited
         _live.discard(obj)
 
 
 def _before() -> None:
+    global _owner, _forker, _depth
+    me = threading.get_ident()
+    if _owner == me:
+        _depth += 1
+        return
+    _fork_lock.acquire()
+    _owner, _depth = me, 1
     taken: set[int] = set()
     while True:
-        _track_lock.acquire()
-        new = [obj for obj in _live if id(obj) not in taken]
-        if not new:
-            return  # _track_lock stays held: released once the fork is done
-        _track_lock.release()
-        try:
-            for obj in new:  # made by another thread while we took the others' locks
-                obj._lock.acquire()
-                taken.add(id(obj))
-                _held.append((obj, None if obj.closed else os.pipe2(os.O_CLOEXEC)))
-                if not obj.closed:
-                    obj._prepare_fork()
-        except BaseException:
-            _track_lock.acquire()  # the after-fork hooks release it, whatever happened
-            raise
+        with _track_lock:
+            new = [obj for obj in _live if id(obj) not in taken]
+            if not new:
+                _forker = me
+                return
+        for obj in new:  # another thread may make objects while we take these locks
+            obj._lock.acquire()
+            taken.add(id(obj))
+            _held.append((obj, None))  # from now on the after-fork hooks release it
+            if not obj.closed:
+                obj._prepare_fork()
+                _held[-1] = (obj, os.pipe2(os.O_CLOEXEC))
+
+
+def _done_forking() -> bool:
+    """In an after-fork hook: False if this thread's fork is not the one to finish."""
+    global _depth
+    if _owner != threading.get_ident():
+        return False  # our _before never got the fork lock
+    if _depth > 1:
+        _depth -= 1
+        return False
+    return True
 
 
 def _after_in_parent() -> None:
+    global _owner, _forker, _depth
+    if not _done_forking():
+        return
     while _held:  # every object is released, whatever one of them raises
         obj, pipe = _held.pop()
         try:
@@ -150,10 +181,17 @@ def _after_in_parent() -> None:
             log.exception("after fork, in the parent: %r", obj)
         finally:
             obj._lock.release()
-    _track_lock.release()
+    with _track_cond:
+        _forker = None
+        _track_cond.notify_all()
+    _owner, _depth = None, 0
+    _fork_lock.release()
 
 
 def _after_in_child() -> None:
+    global _track_lock, _track_cond, _fork_lock, _owner, _forker, _depth
+    if not _done_forking():
+        return
     while _held:
         obj, pipe = _held.pop()
         try:
@@ -165,8 +203,10 @@ def _after_in_child() -> None:
             log.exception("after fork, in the child: %r", obj)
         finally:
             obj._lock.release()
-    global _track_lock
-    _track_lock = threading.Lock()  # another thread may have held it at fork
+    _track_lock = threading.RLock()  # another thread may have held these at fork
+    _track_cond = threading.Condition(_track_lock)
+    _fork_lock = threading.Lock()
+    _owner, _forker, _depth = None, None, 0
 
 
 os.register_at_fork(

@@ -152,3 +152,66 @@ def test_an_anon_made_while_fork_takes_the_locks_is_not_inherited_uncounted(
     late = made[0]
     assert late.map_count(0) == 1 and oracle.resident_bytes(late.fd) == PS
     late.close()
+
+
+_CONCURRENT_FORKS = """
+import os, threading, time
+import devanon
+
+def fork_and_reap():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+for trial in range(40):
+    first = devanon.Anon(1 << 16)
+    gate = threading.Event()
+    def holder():
+        with first._lock:  # a thread busy with the object while two others fork
+            gate.set()
+            time.sleep(0.02)
+    threads = [threading.Thread(target=holder)]
+    threads[0].start()
+    gate.wait()
+    threads.append(threading.Thread(target=fork_and_reap))
+    threads[1].start()
+    time.sleep(0.005)
+    second = devanon.Anon(1 << 16)  # made while the first fork waits for a lock
+    threads.append(threading.Thread(target=fork_and_reap))
+    threads[2].start()
+    for t in threads:
+        t.join()
+    first.close()
+    second.close()
+print("no hang")
+"""
+
+_CLOSE_DURING_FORK = """
+import os, signal
+os.register_at_fork(before=lambda: os.kill(os.getpid(), signal.SIGUSR1))
+import devanon
+victim = devanon.Anon(1 << 16)
+signal.signal(signal.SIGUSR1, lambda *_: victim.close())
+for _ in range(3):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+print("no hang", victim.closed)
+"""
+
+
+@pytest.mark.parametrize("script", [_CONCURRENT_FORKS, _CLOSE_DURING_FORK])
+def test_forks_from_several_threads_or_a_signal_handler_do_not_hang(script: str) -> None:
+    """Two threads forking at once (the hooks take one fork at a time), and a signal
+    handler closing an object in the middle of a fork (nothing is held across it that
+    closing needs)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("no hang"), done.stdout + done.stderr
