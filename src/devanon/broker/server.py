@@ -512,8 +512,11 @@ class Daemon:
             raise no_such(name)
         kernel = MapCounts(obj.counts.npages)
         dev, ino = obj.identity()
-        for pid in {self.peers[cid].pid for cid in obj.holders if cid in self.peers}:
-            add_maps_of(pid, dev, ino, obj.page_size, kernel)  # each process once
+        procs = {
+            self.peers[cid].pid: self.peers[cid].pidfd for cid in obj.holders if cid in self.peers
+        }
+        for pid, pidfd in procs.items():  # each process once
+            add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
         for pin in obj.pins:  # forked children: counted, but not clients we can read
             for first, last in pin.ranges:
                 kernel.add(first, last)

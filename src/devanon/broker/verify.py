@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
 
 from devanon.counts import MapCounts
 
 
-def add_maps_of(pid: int, dev: int, ino: int, page_size: int, into: MapCounts) -> None:
+def add_maps_of(
+    pid: int, dev: int, ino: int, page_size: int, into: MapCounts, pidfd: int | None = None
+) -> None:
     """Add every page of the file ``(dev, ino)`` that ``pid`` maps to ``into``.
 
     A VMA never shows one file page twice, so "VMAs covering the page" is "times mapped".
-    A process that is gone adds nothing.
+    A process that is gone adds nothing; with its ``pidfd``, so does one whose pid another
+    process may have taken before the maps were read (it is alive after the read, so the
+    pid was its own all along).
     """
     major, minor = os.major(dev), os.minor(dev)
     try:
@@ -19,6 +24,11 @@ def add_maps_of(pid: int, dev: int, ino: int, page_size: int, into: MapCounts) -
             lines = f.readlines()
     except (FileNotFoundError, ProcessLookupError):
         return
+    if pidfd is not None:
+        try:
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            return
     for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) < 5 or int(fields[4]) != ino:
