@@ -139,16 +139,25 @@ class Client:
         with self._lock:
             self._transmit(wire.request(op, self._next_seq(), body, flags), None)
 
-    def count(self, op: wire.Op, handle: int, offset: int, length: int, *, wait: bool) -> None:
-        """MAP (waiting for the yes) or UNMAP (posted) of one range: the hot path."""
+    def map_one(self, handle: int, offset: int, length: int) -> None:
+        """MAP one range and wait for the yes."""
         with self._lock:
             seq = self._next_seq()
-            flags = 0 if wait else wire.FLAG_NOREPLY
-            message = wire.MAP_ONE.pack(op, flags, seq, handle, offset, length)
-            if wait:
-                self._exchange(message, seq, None)
-            else:
-                self._transmit(message, None)
+            self._exchange(
+                wire.MAP_ONE.pack(wire.Op.MAP, 0, seq, handle, offset, length), seq, None
+            )
+
+    def post_unmap(self, handle: int, offset: int, length: int, *, wanted: bool = True) -> None:
+        """Post an UNMAP of one range (the hot path); unless ``wanted``, a refusal of it is
+        not reported (``raise_late_errors``)."""
+        with self._lock:
+            seq = self._next_seq()
+            message = wire.MAP_ONE.pack(
+                wire.Op.UNMAP, wire.FLAG_NOREPLY, seq, handle, offset, length
+            )
+            self._transmit(message, None)
+            if not wanted:
+                self._unwanted.add(seq)
 
     def map_while(self, handle: int, offset: int, length: int, mmap: Callable[[], int]) -> int:
         """MAP one range, making ``mmap()`` while the daemon counts; returns its address.
@@ -170,7 +179,7 @@ class Client:
                 except Exception:
                     pass  # refused (or the daemon is gone): nothing to give back
                 else:
-                    self._post_unmap(handle, offset, length, wanted=True)
+                    self.post_unmap(handle, offset, length)
                 raise
             except BaseException:
                 self._pending.discard(seq)  # its answer, when it comes, is nobody's
@@ -182,17 +191,9 @@ class Client:
                 raise
             except BaseException:
                 _libc.munmap(address, length)
-                self._post_unmap(handle, offset, length, wanted=False)
+                self.post_unmap(handle, offset, length, wanted=False)
                 raise
             return address
-
-    def _post_unmap(self, handle: int, offset: int, length: int, *, wanted: bool) -> None:
-        """Post an UNMAP of one range; unless ``wanted``, a refusal of it is not reported."""
-        seq = self._next_seq()
-        flags = wire.FLAG_NOREPLY
-        self._transmit(wire.MAP_ONE.pack(wire.Op.UNMAP, flags, seq, handle, offset, length), None)
-        if not wanted:
-            self._unwanted.add(seq)
 
     def _next_seq(self) -> int:
         if self._pid < 0:  # a forked child: the socket was the parent's
@@ -476,14 +477,12 @@ class SharedAnon(Mapper):
     def _lose_one(self, first: int, last: int) -> None:
         if self._generation == self.client.generation:
             ps = self.page_size
-            self.client.count(
-                wire.Op.UNMAP, self._handle, first * ps, (last - first) * ps, wait=False
-            )
+            self.client.post_unmap(self._handle, first * ps, (last - first) * ps)
 
     def _gain(self, ranges: list[PageRange]) -> None:
         if len(ranges) == 1:
             (first, last), ps = ranges[0], self.page_size
-            self.client.count(wire.Op.MAP, self._handle, first * ps, (last - first) * ps, wait=True)
+            self.client.map_one(self._handle, first * ps, (last - first) * ps)
         elif ranges:
             body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
             self.client.call(wire.Op.MAP, body)
@@ -492,10 +491,7 @@ class SharedAnon(Mapper):
         if not ranges or self._generation != self.client.generation:
             return
         if len(ranges) == 1:
-            (first, last), ps = ranges[0], self.page_size
-            self.client.count(
-                wire.Op.UNMAP, self._handle, first * ps, (last - first) * ps, wait=False
-            )
+            self._lose_one(*ranges[0])
         else:
             body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
             self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
