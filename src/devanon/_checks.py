@@ -25,6 +25,15 @@ def aligned(label: str, value: object, alignment: int, *, positive: bool = False
     return n
 
 
+def blocks(first: int, count: int, total: int, *, closed: str | None, inside: str) -> None:
+    """ValueError unless ``[first, first+count)`` is a non-empty range of the ``total``
+    blocks of ``inside``; ``closed`` names the object if it is closed."""
+    if closed is not None:
+        raise ValueError(f"{closed} is closed")
+    if first < 0 or count <= 0 or first + count > total:
+        raise ValueError(f"blocks [{first}, {first + count}) are outside {inside} ({total} blocks)")
+
+
 def max_map_count_hint(err: OSError) -> OSError:
     """Explain an ENOMEM from mmap/munmap/madvise: usually vm.max_map_count, not RAM."""
     if err.errno != errno.ENOMEM:

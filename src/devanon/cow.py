@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 
+from devanon import _checks
 from devanon.anon import PAGE_SIZE
 from devanon.units import Block
 
@@ -154,13 +155,8 @@ class CowLayer:
             self.fd = -1
 
     def _check(self, block: int, count: int) -> None:
-        if self.fd < 0:
-            raise ValueError(f"COW file {self.path!r} is closed")
-        if block < 0 or count <= 0 or block + count > self.blocks:
-            raise ValueError(
-                f"blocks [{block}, {block + count}) are outside the COW layer "
-                f"({self.blocks} blocks)"
-            )
+        closed = f"COW file {self.path!r}" if self.fd < 0 else None
+        _checks.blocks(block, count, self.blocks, closed=closed, inside="the COW layer")
 
     def __enter__(self) -> CowLayer:
         return self

@@ -25,6 +25,7 @@ import enum
 import os
 from dataclasses import dataclass
 
+from devanon import _checks
 from devanon.cow import CowLayer
 from devanon.physmem import PhysicalMemory
 from devanon.units import Block, Frame
@@ -159,13 +160,8 @@ class BlockDevice:
             done += n
 
     def _check(self, block: int, count: int) -> None:
-        if self.fd < 0:
-            raise ValueError(f"block device over {self.image!r} is closed")
-        if block < 0 or count <= 0 or block + count > self.blocks:
-            raise ValueError(
-                f"blocks [{block}, {block + count}) are outside {self.image!r} "
-                f"({self.blocks} blocks)"
-            )
+        closed = f"block device over {self.image!r}" if self.fd < 0 else None
+        _checks.blocks(block, count, self.blocks, closed=closed, inside=repr(self.image))
 
     def close(self) -> None:
         if self.fd >= 0:
