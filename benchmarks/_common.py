@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import gc
 import json
@@ -79,6 +80,14 @@ def all_ok(node: object) -> bool:
     if isinstance(node, list):
         return all(all_ok(v) for v in node)
     return True
+
+
+def options(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """The options every benchmark takes: ``--quick`` and ``-o FILE``."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke check)")
+    parser.add_argument("-o", "--output", type=Path, help="also write the JSON to this file")
+    return parser.parse_args(argv)
 
 
 def emit(result: Json, start: float, output: Path | None) -> None:

@@ -51,7 +51,6 @@ stderr.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import ctypes
 import gc
@@ -74,7 +73,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
-from _common import Json, emit, gc_paused, log, machine, us
+from _common import Json, emit, gc_paused, log, machine, options, us
 
 from devanon import _libc
 from devanon.broker import Client, SharedAnon, connect
@@ -745,10 +744,7 @@ def run(cfg: Config, directory: Path, result: Json) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every benchmark and print the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke check)")
-    parser.add_argument("-o", "--output", type=Path, help="also write the JSON to this file")
-    args = parser.parse_args(argv)
+    args = options(__doc__, argv)
     cfg = QUICK if args.quick else FULL
     # SIGTERM (like Ctrl-C) unwinds, so that the daemon and helpers are stopped on the way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))

@@ -35,7 +35,6 @@ The JSON goes to stdout (and to FILE with ``-o``); progress goes to stderr.
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import gc
 import os
@@ -48,7 +47,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
-from _common import Json, emit, gc_paused, log, machine, us
+from _common import Json, emit, gc_paused, log, machine, options, us
 
 import devanon
 from devanon import _libc
@@ -506,10 +505,7 @@ would (a byte a page x 32)."""
 
 def main(argv: list[str] | None = None) -> int:
     """Run every benchmark and print the JSON."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke check)")
-    parser.add_argument("-o", "--output", type=Path, help="also write the JSON to this file")
-    args = parser.parse_args(argv)
+    args = options(__doc__, argv)
     cfg = QUICK if args.quick else FULL
     start = time.perf_counter()
     result: Json = {
