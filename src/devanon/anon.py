@@ -21,7 +21,7 @@ import os
 import weakref
 from dataclasses import dataclass
 
-from devanon import _checks
+from devanon import _checks, _libc
 from devanon import forking as _forking
 from devanon.counts import MapCounts, PageRange
 from devanon.mapper import PAGE_SIZE, Mapper, Mapping, Overlay
@@ -215,10 +215,17 @@ class Anon(Mapper):
         for first, last in ranges:
             self._counts.add(first, last)
 
-    def _gain_one(self, first: int, last: int) -> None:
+    def _map_counted(self, first: int, last: int, prot: int, offset: int) -> int:
         if self._fork.is_child:
             self._refuse_in_child()
         self._counts.add(first, last)
+        try:
+            return _libc.mmap(
+                0, (last - first) * self.page_size, prot, _libc.MAP_SHARED, self.fd, offset
+            )
+        except OSError as e:
+            self._lose_one(first, last)
+            raise self._mmap_error(e) from None
 
     def _refuse_in_child(self) -> None:
         raise ValueError(
@@ -232,7 +239,7 @@ class Anon(Mapper):
         if zeros and not self._closing and not self._fork.is_child:
             ps = self.page_size
             for a, b in zeros:  # sorted, and never touching: runs of one range
-                self._punch_calls += punch_range(self.fd, a * ps, (b - a) * ps, name=self.name)
+                self._punch_calls += punch_range(self.fd, a * ps, (b - a) * ps, self.name)
                 self._freed_bytes += (b - a) * ps
 
     def _lose(self, ranges: list[PageRange]) -> None:

@@ -79,7 +79,8 @@ class MapCounts:
             self._apply_mixed(start, stop, n)
         elif self._apply_in_run(start, stop, n) is None:
             self._apply(start, stop, n)
-        if len(self._starts) > max(before, self._densify_at):
+        after = len(self._starts)
+        if after > before and after > self._densify_at:
             self._maybe_densify(start, stop)
 
     def remove(self, start: int, stop: int, n: int = 1) -> list[PageRange]:
@@ -94,16 +95,15 @@ class MapCounts:
         if self._dense:
             zeros = self._apply_mixed(start, stop, -n)
         else:
-            zeros = self._remove_runs(start, stop, n)
-        if len(self._starts) > max(before, self._densify_at):  # only new runs can tip a chunk
+            got = self._apply_in_run(start, stop, -n)
+            zeros = self._remove_runs(start, stop, n) if got is None else got
+        after = len(self._starts)
+        if after > before and after > self._densify_at:  # only new runs can tip a chunk
             self._maybe_densify(start, stop)
         return zeros
 
     def _remove_runs(self, start: int, stop: int, n: int) -> list[PageRange]:
-        """``remove`` where no chunk is dense."""
-        zeros = self._apply_in_run(start, stop, -n)
-        if zeros is not None:
-            return zeros
+        """``remove`` where no chunk is dense and the range spans runs."""
         starts, counts = self._starts, self._counts
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)

@@ -39,6 +39,7 @@ from devanon.counts import PageRange
 from devanon.views import ViewTracker
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
 
 
 class _Segment:
@@ -191,8 +192,8 @@ class Mapper(ABC):
 
     Subclasses set ``fd``, ``size``, ``page_size``, ``name``, ``hugepages`` and
     ``_writable_fd`` (``fd < 0`` once closed), call ``_init_books()``, and implement
-    ``_gain``, ``_lose`` and ``_before_op`` (``_gain_one``/``_lose_one`` if they can do one
-    range faster).
+    ``_gain``, ``_lose``, ``_map_counted`` and ``_before_op`` (``_lose_one`` if they can do
+    one range faster).
     """
 
     fd: int
@@ -224,24 +225,14 @@ class Mapper(ABC):
     def _lose(self, ranges: list[PageRange]) -> None:
         """Pages just unmapped: each range loses one count (and is freed at zero)."""
 
-    def _gain_one(self, first: int, last: int) -> None:
-        """``_gain`` of one range (subclasses may make it shorter: it is the hot path)."""
-        self._gain([(first, last)])
-
+    @abstractmethod
     def _map_counted(self, first: int, last: int, prot: int, offset: int) -> int:
         """Gain a count on pages ``[first, last)`` and mmap them (from byte ``offset``,
-        MAP_SHARED, anywhere); returns the address.
+        MAP_SHARED, anywhere); returns the address (the hot path of ``map``).
 
         An OSError from the mmap gives the count back. Anything else (an interrupt just as
         the mapping was made) keeps it: a leaked count never frees a page under a mapping.
         """
-        self._gain_one(first, last)
-        length = (last - first) * self.page_size
-        try:
-            return _libc.mmap(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
-        except OSError as e:
-            self._lose_one(first, last)
-            raise self._mmap_error(e) from None
 
     def _lose_one(self, first: int, last: int) -> None:
         """``_lose`` of one range (subclasses may make it shorter: it is the hot path)."""
@@ -285,7 +276,7 @@ class Mapper(ABC):
             raise PermissionError(
                 f"cannot map {self.name!r} writable: this descriptor is read-only"
             )
-        prot = _libc.PROT_READ | (_libc.PROT_WRITE if writable else 0)
+        prot = _PROT_RW if writable else _libc.PROT_READ
         first, last = offset // ps, (offset + length) // ps
         with self._lock:
             if self.fd < 0:

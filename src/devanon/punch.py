@@ -76,28 +76,25 @@ def punch_pages(
     return calls, freed
 
 
-def punch_range(fd: int, offset: int, length: int, *, name: str = "") -> int:
+def punch_range(fd: int, offset: int, length: int, name: str = "") -> int:
     """Punch ``[offset, offset+length)`` of an open file; returns the number of calls made.
 
     No argument checks: the caller (Anon, punch_hole) has made them. Raises OSError with
     EOPNOTSUPP and the filesystem's name where the file cannot have holes.
     """
-    if length <= PUNCH_BATCH:  # the common case: one call
-        _punch_once(fd, offset, length, name)
-        return 1
-    end = offset + length
-    for start in range(offset, end, PUNCH_BATCH):
-        _punch_once(fd, start, min(PUNCH_BATCH, end - start), name)
-    return -(-length // PUNCH_BATCH)
-
-
-def _punch_once(fd: int, offset: int, length: int, name: str) -> None:
-    try:
-        _libc.fallocate(fd, _PUNCH, offset, length)
-    except OSError as e:
-        if e.errno not in _NOT_SUPPORTED:
-            raise
-        _remove_through_mapping(fd, offset, length, name, e)
+    end, calls = offset + length, 0
+    while True:  # the common case (up to PUNCH_BATCH) goes round once
+        step = min(PUNCH_BATCH, end - offset)
+        try:
+            _libc.fallocate(fd, _PUNCH, offset, step)
+        except OSError as e:
+            if e.errno not in _NOT_SUPPORTED:
+                raise
+            _remove_through_mapping(fd, offset, step, name, e)
+        calls += 1
+        offset += step
+        if offset >= end:
+            return calls
 
 
 def _remove_through_mapping(fd: int, offset: int, length: int, name: str, cause: OSError) -> None:
