@@ -8,6 +8,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import resource
 import signal
 import socket
 import struct
@@ -328,8 +329,15 @@ def test_bad_wire_input_gets_errors_and_changes_no_count(daemon: Served) -> None
         obj.close()
 
 
-def _reply(sock: socket.socket, message: bytes) -> bytes:
-    sock.send(message)
+def _send(sock: socket.socket, message: bytes, fds: list[int] | None) -> None:
+    if fds:
+        socket.send_fds(sock, [message], fds)
+    else:
+        sock.send(message)
+
+
+def _reply(sock: socket.socket, message: bytes, fds: list[int] | None = None) -> bytes:
+    _send(sock, message, fds)
     data, fds, _, _ = socket.recv_fds(sock, wire.MAX_MESSAGE, 4)
     for fd in fds:
         os.close(fd)
@@ -794,3 +802,55 @@ def test_one_user_cannot_use_up_the_daemon(daemon: Served) -> None:
     with connect(daemon.socket) as client:  # root is not held, and nothing was left behind
         assert client.stat() == []
         client.open("root-still-can", PS, create=True).close()
+
+
+def _refusal(sock: socket.socket, message: bytes, fds: list[int]) -> tuple[int, int, int, str]:
+    """Send a request the daemon must refuse; its reply's op, seq, errno and text."""
+    _send(sock, message, fds)
+    data = sock.recv(wire.MAX_MESSAGE)  # a socket timeout, not a hang, if no reply comes
+    op, status, seq = wire.REPLY.unpack_from(data)
+    assert status == wire.STATUS_ERROR, data
+    (code,) = wire.ERROR.unpack_from(data, wire.REPLY.size)
+    return op, seq, code, data[wire.REPLY.size + wire.ERROR.size :].decode()
+
+
+def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_recovers(
+    daemon: Served,
+) -> None:
+    """The kernel cuts a message short when it is too long, carries too many descriptors,
+    or carries descriptors the daemon has no room for. Each refusal names the request (its
+    seq), so a client waiting for it wakes; the last is EMFILE, not the client's fault."""
+    pid = daemon.process.pid
+    with connect(daemon.socket) as client:
+        obj = client.open("fds", 4 * PS, create=True)
+        m = obj.map(0, PS)
+        before = len(os.listdir(f"/proc/{pid}/fd"))
+        raw = _raw(daemon.socket)
+        opened = _reply(raw, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"fds"))
+        pin = wire.pack_ranges(wire.OPENED.unpack(opened)[0], [(0, PS)])
+        huge = wire.request(wire.Op.STAT, 2, b"x" * wire.MAX_MESSAGE)
+        assert _refusal(raw, huge, [])[:3] == (wire.Op.STAT, 2, errno.EPROTO)
+        r, w = os.pipe()
+        many = [r] * (wire.MAX_FDS + 1)
+        op, seq, code, text = _refusal(raw, wire.request(wire.Op.PIN, 3, pin), many)
+        assert (op, seq, code) == (wire.Op.PIN, 3, errno.EPROTO) and "descriptors" in text
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+        lowest_free = min(set(range(len(held) + 1)) - held)
+        try:  # the next descriptor the daemon would get is past its limit
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
+            op, seq, code, text = _refusal(raw, wire.request(wire.Op.PIN, 4, pin), [r])
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert (op, seq, code) == (wire.Op.PIN, 4, errno.EMFILE) and "out of file" in text
+        assert client.stat("fds")[0]["pinned_children"] == 0 and obj.map_count(0) == 1
+        _reply(raw, wire.request(wire.Op.PIN, 5, pin), [r])  # room again: a pin holds
+        assert obj.map_count(0) == 2
+        os.close(w)  # the "child" is gone: its pin goes
+        assert wait_for(lambda: obj.map_count(0) == 1)
+        os.close(r)
+        raw.close()
+        m.close()
+        assert obj.map_count(0) == 0 and client.verify("fds") == []
+        assert wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == before)  # none leaked
+        obj.close()

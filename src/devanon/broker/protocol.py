@@ -122,8 +122,10 @@ def unpack_ranges(body: bytes) -> tuple[int, list[tuple[int, int]]]:
     return handle, [RANGE.unpack_from(body, HANDLE.size + i) for i in range(0, rest, RANGE.size)]
 
 
-ANCILLARY = socket.CMSG_SPACE(4 * 4)
-"""Room for the few descriptors a message may carry."""
+MAX_FDS = 4
+"""The most descriptors a message may carry."""
+ANCILLARY = socket.CMSG_SPACE(MAX_FDS * 4)
+"""Room for the descriptors a message may carry."""
 
 
 def descriptors(ancillary: list[tuple[int, int, bytes]]) -> list[int]:

@@ -272,7 +272,7 @@ class Daemon:
             if flags & _TRUNCATED:
                 for fd in fds:
                     os.close(fd)
-                self._protocol_error(peer, 0, 0, f"message over {wire.MAX_MESSAGE} bytes")
+                self._truncated(peer, n, flags, len(fds))
             else:
                 try:
                     req = wire.parse_request(bytes(self._view[:n]))
@@ -342,6 +342,28 @@ class Daemon:
             self._send(peer, wire.ok(req.op, req.seq, reply.body), reply.fds)
         for fd in reply.fds:
             os.close(fd)
+
+    def _truncated(self, peer: Peer, n: int, flags: int, nfds: int) -> None:
+        """Refuse a message the kernel cut short: too long, too many descriptors, or
+        descriptors the daemon had no room for (at its descriptor limit the kernel drops
+        them: not the client's fault). The reply names the request, so its caller wakes."""
+        op, _, seq = wire.HEADER.unpack_from(self._buf) if n >= wire.HEADER.size else (0, 0, 0)
+        if flags & socket.MSG_TRUNC:
+            self._protocol_error(peer, op, seq, f"message over {wire.MAX_MESSAGE} bytes")
+        elif nfds >= wire.MAX_FDS:
+            self._protocol_error(peer, op, seq, f"more than {wire.MAX_FDS} descriptors")
+        else:
+            log.warning("client %d: descriptors dropped, the daemon is out of them", peer.id)
+            self._send(
+                peer,
+                wire.error(
+                    op,
+                    seq,
+                    errno.EMFILE,
+                    "the daemon is out of file descriptors and could not take the ones this "
+                    "request carried; nothing was done",
+                ),
+            )
 
     def _protocol_error(self, peer: Peer, op: int, seq: int, message: str) -> None:
         peer.errors += 1
