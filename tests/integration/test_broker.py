@@ -830,6 +830,8 @@ def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_
         pin = wire.pack_ranges(wire.OPENED.unpack(opened)[0], [(0, PS)])
         huge = wire.request(wire.Op.STAT, 2, b"x" * wire.MAX_MESSAGE)
         assert _refusal(raw, huge, [])[:3] == (wire.Op.STAT, 2, errno.EPROTO)
+        unknown = wire.HEADER.pack(77, 0, 6)
+        assert _refusal(raw, unknown, [])[:3] == (77, 6, errno.EPROTO)
         r, w = os.pipe()
         many = [r] * (wire.MAX_FDS + 1)
         op, seq, code, text = _refusal(raw, wire.request(wire.Op.PIN, 3, pin), many)

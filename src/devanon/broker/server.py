@@ -279,7 +279,7 @@ class Daemon:
                 except wire.ProtocolError as e:
                     for fd in fds:
                         os.close(fd)
-                    self._protocol_error(peer, buf[0] if n else 0, 0, str(e))
+                    self._protocol_error(peer, *self._op_and_seq(n), str(e))
                 else:
                     self._handle(peer, req, fds)
             if peer.id not in self.peers:
@@ -347,7 +347,7 @@ class Daemon:
         """Refuse a message the kernel cut short: too long, too many descriptors, or
         descriptors the daemon had no room for (at its descriptor limit the kernel drops
         them: not the client's fault). The reply names the request, so its caller wakes."""
-        op, _, seq = wire.HEADER.unpack_from(self._buf) if n >= wire.HEADER.size else (0, 0, 0)
+        op, seq = self._op_and_seq(n)
         if flags & socket.MSG_TRUNC:
             self._protocol_error(peer, op, seq, f"message over {wire.MAX_MESSAGE} bytes")
         elif nfds >= wire.MAX_FDS:
@@ -364,6 +364,14 @@ class Daemon:
                     "request carried; nothing was done",
                 ),
             )
+
+    def _op_and_seq(self, n: int) -> tuple[int, int]:
+        """The op and seq of the ``n``-byte message in the buffer, for its refusal (0 for
+        what did not arrive)."""
+        if n >= wire.HEADER.size:
+            op, _, seq = wire.HEADER.unpack_from(self._buf)
+            return op, seq
+        return (self._buf[0] if n else 0), 0
 
     def _protocol_error(self, peer: Peer, op: int, seq: int, message: str) -> None:
         peer.errors += 1
