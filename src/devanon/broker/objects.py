@@ -206,12 +206,14 @@ class SharedObject:
             self.counts.add(first, last)
         self.pins.append(Pin(lifeline, ranges))
 
-    def unpin(self, lifeline: int) -> None:
-        """A forked child is gone (its lifeline read EOF): drop its pin."""
+    def unpin(self, lifeline: int, *, close: bool = True) -> None:
+        """A forked child is gone (its lifeline read EOF): drop its pin (and close the
+        lifeline, unless told not to)."""
         for pin in self.pins:
             if pin.lifeline == lifeline:
                 self.pins.remove(pin)
-                os.close(lifeline)
+                if close:
+                    os.close(lifeline)
                 zeros: list[PageRange] = []
                 for first, last in pin.ranges:
                     zeros += self.counts.remove(first, last)

@@ -129,7 +129,7 @@ class Daemon:
             wire.Op.VERIFY: self._verify,
             wire.Op.PIN: self._pin,
             wire.Op.COUNT: self._count,
-            wire.Op.SYNC: lambda peer, req, fds: Reply(),
+            wire.Op.SYNC: self._sync,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -193,9 +193,21 @@ class Daemon:
                     action = self._ready.get(fd)
                     if action is not None:
                         with self.state_lock:
-                            action()
+                            self._run(fd, action)
         finally:
             self._shutdown()
+
+    def _run(self, fd: int, action: Callable[[], None]) -> None:
+        """Run what a readable descriptor calls for. A bug there must not take the daemon
+        (and everyone's counts) down: it is logged, and the descriptor no longer watched
+        (level-triggered, it would fail again at once)."""
+        try:
+            action()
+        except Exception:
+            log.exception("handling descriptor %d failed; it is no longer watched", fd)
+            if self._ready.pop(fd, None) is not None:
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -269,7 +281,7 @@ class Daemon:
             if n == 0 and not fds:
                 self._disconnect(peer)
                 return
-            if flags & _TRUNCATED:
+            if flags & _TRUNCATED or n > wire.MAX_MESSAGE:
                 for fd in fds:
                     os.close(fd)
                 self._truncated(peer, n, flags, len(fds))
@@ -344,11 +356,12 @@ class Daemon:
             os.close(fd)
 
     def _truncated(self, peer: Peer, n: int, flags: int, nfds: int) -> None:
-        """Refuse a message the kernel cut short: too long, too many descriptors, or
-        descriptors the daemon had no room for (at its descriptor limit the kernel drops
-        them: not the client's fault). The reply names the request, so its caller wakes."""
+        """Refuse a message that was too long (the buffer holds one byte more than the
+        limit, so the kernel cuts it short or it fills the buffer), or the kernel cut the
+        descriptors of: too many, or no room for them in the daemon (at its descriptor
+        limit: not the client's fault). The reply names the request, so its caller wakes."""
         op, seq = self._op_and_seq(n)
-        if flags & socket.MSG_TRUNC:
+        if flags & socket.MSG_TRUNC or n > wire.MAX_MESSAGE:
             self._protocol_error(peer, op, seq, f"message over {wire.MAX_MESSAGE} bytes")
         elif nfds >= wire.MAX_FDS:
             self._protocol_error(peer, op, seq, f"more than {wire.MAX_FDS} descriptors")
@@ -566,15 +579,32 @@ class Daemon:
         if not stat.S_ISFIFO(os.fstat(lifeline).st_mode):
             raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe")
         os.set_blocking(lifeline, False)
-        self._watch(lifeline, lambda: self._unpinned(obj, lifeline))
-        obj.pin(lifeline, pages)
+        obj.pin(lifeline, pages)  # may refuse (ENOMEM): then nothing is watched
+        try:
+            self._watch(lifeline, lambda: self._lifeline_readable(obj, lifeline))
+        except BaseException:
+            obj.unpin(lifeline, close=False)  # the handler closes it
+            raise
         return Reply(kept=[lifeline])
 
-    def _unpinned(self, obj: SharedObject, lifeline: int) -> None:
-        """A forked child (and its descendants) is gone: drop its pin."""
+    def _lifeline_readable(self, obj: SharedObject, lifeline: int) -> None:
+        """The pin holds until its pipe reads EOF: a forked child (and its descendants)
+        is gone. Bytes written into the pipe are read and ignored."""
+        try:
+            if os.read(lifeline, 4096):
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass  # cannot be read: treat it as gone
         self._unwatch(lifeline)
         obj.unpin(lifeline)
         self._forget_unused()
+
+    def _sync(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        if req.body:
+            raise wire.ProtocolError(f"SYNC has no body, not {len(req.body)} bytes")
+        return Reply()
 
     def _count(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         handle, offset = wire.COUNT.unpack(req.body)
