@@ -43,11 +43,15 @@ class Forkable(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def _prepare_fork(self) -> None:
-        """In the parent, just before fork: keep uninherited mappings from the child."""
+    def _prepare_fork(self, lifeline: int) -> None:
+        """In the parent, just before fork: keep uninherited mappings from the child; an
+        object counted elsewhere (the broker's daemon) pins what the child will inherit
+        with ``lifeline`` (a pipe's read end, borrowed), so a parent killed during the fork
+        cannot take those counts with it."""
 
     def _forked(self, lifeline: int) -> None:
-        """In the parent, after fork: pin what the child inherited; owns ``lifeline``."""
+        """In the parent, after fork (or a failed one): pin what the child inherited, if not
+        pinned already; owns ``lifeline``."""
 
     def _fork_child(self) -> None:
         """In the child, after fork: drop what the child did not inherit."""
@@ -151,8 +155,9 @@ def _before() -> None:
             taken.add(id(obj))
             _held.append((obj, None))  # from now on the after-fork hooks release it
             if not obj.closed:
-                obj._prepare_fork()
-                _held[-1] = (obj, os.pipe2(os.O_CLOEXEC))
+                lifeline, keeper = os.pipe2(os.O_CLOEXEC)
+                _held[-1] = (obj, (lifeline, keeper))
+                obj._prepare_fork(lifeline)
 
 
 def _done_forking() -> bool:

@@ -633,7 +633,7 @@ class Mapper(ABC):
 
     # -- fork (devanon.forking holds the lock from before fork() to after) ------------------
 
-    def _prepare_fork(self) -> None:
+    def _prepare_fork(self, lifeline: int) -> None:
         """Just before fork(): MADV_DONTFORK on every piece not made with ``inherit=True``.
 
         Done here, once per piece, rather than at every map: it saves a syscall on the hot

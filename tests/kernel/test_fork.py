@@ -136,8 +136,8 @@ def test_an_anon_made_while_fork_takes_the_locks_is_not_inherited_uncounted(
         first.map(0, PS)
         prepare = first._prepare_fork
 
-        def prepare_and_meanwhile_make_another() -> None:
-            prepare()
+        def prepare_and_meanwhile_make_another(lifeline: int) -> None:
+            prepare(lifeline)
             if not made:  # what another thread could do at this moment
                 late = devanon.Anon(PS)
                 late.map(0, PS).view()[:4] = b"late"

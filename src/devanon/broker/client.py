@@ -511,8 +511,15 @@ class SharedAnon(Mapper):
 
     # -- fork ------------------------------------------------------------------------------
 
-    def _forked(self, lifeline: int) -> None:
-        """In the parent: the daemon pins the child's inherited pages until it is gone."""
+    def _prepare_fork(self, lifeline: int) -> None:
+        """Just before fork: the daemon pins the pages the child will inherit until the
+        child (which alone keeps the pipe's write end) and its descendants are gone.
+
+        Before the fork, not after: this process killed in between would otherwise take
+        its counts with it, and the daemon would punch the pages under the child. Should
+        the fork fail, this process closes the write end and the pin goes at once.
+        """
+        super()._prepare_fork(lifeline)
         try:
             pins = self._inherited_pages()
             if pins:
@@ -520,8 +527,10 @@ class SharedAnon(Mapper):
                 self.client.call(wire.Op.PIN, body, [lifeline])
         except OSError as e:  # the daemon is gone, or refused: the child's copies go uncounted
             log.warning("could not pin %r for a forked child: %s", self.name, e)
-        finally:
-            os.close(lifeline)
+
+    def _forked(self, lifeline: int) -> None:
+        """In the parent: pinned before the fork already."""
+        os.close(lifeline)
 
     def _fork_child(self) -> None:
         """In the child: inherited pieces are the pin's (uncounted here); the rest is gone."""

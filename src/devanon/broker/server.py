@@ -111,6 +111,10 @@ class Daemon:
         self._epoll = select.epoll()
         self._ready: dict[int, Callable[[], None]] = {}
         """What to do when a descriptor is readable: accept, read a client, a death."""
+        self._unwatched: set[int] = set()
+        """Descriptors unwatched while handling the current batch of events: a later
+        event of the batch for one of these numbers is stale (a descriptor accepted
+        meanwhile may have the number now)."""
         self._buf = bytearray(wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buf)
         self._listener = self._listen(path, socket_mode, socket_group)
@@ -189,7 +193,10 @@ class Daemon:
                     continue
                 if events:
                     last = time.monotonic()
+                    self._unwatched.clear()
                 for fd, _ in events:
+                    if fd in self._unwatched:
+                        continue  # its watch ended in this batch: the number may be reused
                     action = self._ready.get(fd)
                     if action is not None:
                         with self.state_lock:
@@ -205,9 +212,8 @@ class Daemon:
             action()
         except Exception:
             log.exception("handling descriptor %d failed; it is no longer watched", fd)
-            if self._ready.pop(fd, None) is not None:
-                with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
+            with contextlib.suppress(OSError):
+                self._unwatch(fd)
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -219,6 +225,7 @@ class Daemon:
 
     def _unwatch(self, fd: int) -> None:
         if self._ready.pop(fd, None) is not None:
+            self._unwatched.add(fd)
             self._epoll.unregister(fd)
 
     def _shutdown(self) -> None:
