@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import pytest
@@ -42,3 +43,22 @@ def unmap_every_mapping_of(st: os.stat_result) -> None:
         ):
             lo, hi = (int(x, 16) for x in fields[0].split("-"))
             _libc.munmap(lo, hi - lo)
+
+
+def data_pages(fd: int, size: int, page_size: int) -> set[int]:
+    """Indices of the pages in ``[0, size)`` that hold data (SEEK_DATA / SEEK_HOLE)."""
+    pages: set[int] = set()
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data at or after pos
+                break
+            raise
+        if data >= size:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        pages.update(range(data // page_size, -(-hole // page_size)))
+        pos = hole
+    return pages

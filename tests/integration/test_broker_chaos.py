@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import heapq
 import os
 import random
@@ -79,6 +78,7 @@ from pathlib import Path
 
 import pytest
 from broker_daemon import Served, wait_for
+from support import data_pages
 
 from devanon.broker import Client, SharedAnon, connect
 from devanon.broker import protocol as wire
@@ -189,23 +189,6 @@ def read(address: int, length: int) -> bytes:
 def write(address: int, data: bytes) -> None:
     """Write bytes into this process's memory."""
     ctypes.memmove(address, data, len(data))
-
-
-def data_pages(fd: int, size: int) -> set[int]:
-    """The pages of a file that hold data, as SEEK_DATA / SEEK_HOLE tell."""
-    pages: set[int] = set()
-    pos = 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                break
-            raise
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        pages.update(range(start // PS, -(-end // PS)))
-        pos = end
-    return pages
 
 
 def make_overlay_file(path: Path) -> str:
@@ -1094,7 +1077,7 @@ def check_after_round(
     counts = [shared.map_count(page * PS) for page in range(CHAOS_PAGES)]
     assert counts == expected_counts(), f"{where}: counts {counts}"
     assert survivor.damaged_pages() == [], f"{where}: the survivor's bytes changed"
-    assert data_pages(shared.fd, shared.size) == set(SURVIVOR_PAGES), f"{where}: not punched"
+    assert data_pages(shared.fd, shared.size, PS) == set(SURVIVOR_PAGES), f"{where}: not punched"
     assert shared.resident_bytes() == len(SURVIVOR_PAGES) * PS, f"{where}: resident bytes"
     check_leftover_objects(rnd, client, daemon, where)
     pid = daemon.process.pid

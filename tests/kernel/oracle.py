@@ -16,9 +16,10 @@ whether this host's THP settings guarantee that.
 
 from __future__ import annotations
 
-import errno
 import glob
 import os
+
+from support import data_pages as data_pages  # the tests call oracle.data_pages
 
 
 def file_id(fd: int) -> tuple[int, int, int]:
@@ -55,25 +56,6 @@ def maps_counts(fd: int, page_size: int, pid: int | str = "self") -> dict[int, i
         for page in range(first, first + (end - start) // page_size):
             counts[page] = counts.get(page, 0) + 1
     return counts
-
-
-def data_pages(fd: int, size: int, page_size: int) -> set[int]:
-    """Indices of the pages in ``[0, size)`` that hold data (SEEK_DATA / SEEK_HOLE)."""
-    pages: set[int] = set()
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # no data at or after pos
-                break
-            raise
-        if data >= size:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
-        pages.update(range(data // page_size, -(-hole // page_size)))
-        pos = hole
-    return pages
 
 
 def resident_bytes(fd: int) -> int:
