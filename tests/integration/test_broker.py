@@ -856,3 +856,38 @@ def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_
         assert obj.map_count(0) == 0 and client.verify("fds") == []
         assert wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == before)  # none leaked
         obj.close()
+
+
+def test_a_bug_in_a_handler_cuts_its_client_off_and_the_daemon_serves_on(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure the daemon did not foresee is logged and the client it concerns is cut
+    off (it would otherwise wait for a reply forever); the daemon serves the others."""
+    from devanon.broker import objects
+    from devanon.broker.server import Daemon
+
+    served = Daemon(str(socket_dir / "in-process.sock"))
+    thread = threading.Thread(target=served.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with connect(served.path) as victim, connect(served.path) as other:
+            obj = victim.open("bug", 4 * PS, create=True)
+            real = objects.SharedObject.unmap_one
+
+            def unmap_one_once(self: objects.SharedObject, *args: int) -> None:
+                monkeypatch.setattr(objects.SharedObject, "unmap_one", real)
+                raise RuntimeError("an unforeseen bug")
+
+            monkeypatch.setattr(objects.SharedObject, "unmap_one", unmap_one_once)
+            obj.map(0, PS).close()  # its posted UNMAP meets the bug
+            victim._sock.settimeout(5)  # a hang would be a timeout, not a close
+            with pytest.raises(BrokerError, match=r"gone \((Connection reset|it closed)"):
+                obj.map_count(0)
+            survivor = other.open("bug")
+            m = survivor.map(0, PS)
+            assert survivor.map_count(0) == 1 and other.verify("bug") == []
+            m.close()
+            survivor.close()
+    finally:
+        served.stop()
+        thread.join(10)

@@ -206,14 +206,23 @@ class Daemon:
 
     def _run(self, fd: int, action: Callable[[], None]) -> None:
         """Run what a readable descriptor calls for. A bug there must not take the daemon
-        (and everyone's counts) down: it is logged, and the descriptor no longer watched
-        (level-triggered, it would fail again at once)."""
+        (and everyone's counts) down: it is logged, and the client it concerns is cut off
+        (its counts dropped, as if it had died: it would wait for a reply forever); a
+        lifeline is no longer watched (its pin stays: nothing is punched under a child)."""
         try:
             action()
         except Exception:
-            log.exception("handling descriptor %d failed; it is no longer watched", fd)
-            with contextlib.suppress(OSError):
-                self._unwatch(fd)
+            log.exception("handling descriptor %d failed", fd)
+            if fd in (self._listener.fileno(), self._wake_r.fileno()):
+                return  # keep serving: _accept and _woken handle their own errors
+            owner = next(
+                (p for p in self.peers.values() if fd in (p.sock.fileno(), p.pidfd)), None
+            )
+            with contextlib.suppress(Exception):
+                if owner is not None:
+                    self._disconnect(owner)
+                else:
+                    self._unwatch(fd)
 
     def _woken(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -264,8 +273,13 @@ class Daemon:
         peer = Peer(self._next_peer, sock, pid, uid, gid, peer_groups(pid, gid), pidfd)
         self._next_peer += 1
         self.peers[peer.id] = peer
-        self._watch(sock.fileno(), lambda: self._receive(peer))
-        self._watch(pidfd, lambda: self._disconnect(peer))
+        try:
+            self._watch(sock.fileno(), lambda: self._receive(peer))
+            self._watch(pidfd, lambda: self._disconnect(peer))
+        except OSError as e:  # ENOSPC (fs.epoll.max_user_watches), ENOMEM: refuse this one
+            log.warning("cannot watch client pid %d: %s", pid, e.strerror)
+            self._disconnect(peer)
+            return
         log.info("client %d: pid %d uid %d", peer.id, pid, uid)
 
     def _receive(self, peer: Peer) -> None:
