@@ -215,9 +215,7 @@ class Daemon:
             log.exception("handling descriptor %d failed", fd)
             if fd in (self._listener.fileno(), self._wake_r.fileno()):
                 return  # keep serving: _accept and _woken handle their own errors
-            owner = next(
-                (p for p in self.peers.values() if fd in (p.sock.fileno(), p.pidfd)), None
-            )
+            owner = next((p for p in self.peers.values() if fd in (p.sock.fileno(), p.pidfd)), None)
             with contextlib.suppress(Exception):
                 if owner is not None:
                     self._disconnect(owner)
