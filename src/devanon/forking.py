@@ -155,8 +155,13 @@ def _before() -> None:
             taken.add(id(obj))
             _held.append((obj, None))  # from now on the after-fork hooks release it
             if not obj.closed:
-                lifeline, keeper = os.pipe2(os.O_CLOEXEC)
-                _held[-1] = (obj, (lifeline, keeper))
+                try:
+                    lifeline, keeper = os.pipe2(os.O_CLOEXEC)
+                except OSError as e:  # EMFILE: the child's copies go unpinned
+                    log.warning("no lifeline for %r across fork: %s", obj, e)
+                    lifeline = -1
+                else:
+                    _held[-1] = (obj, (lifeline, keeper))
                 obj._prepare_fork(lifeline)
 
 

@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -702,7 +703,7 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
         obj = client.open("interrupted", 4 * PS, create=True)
         real_receive = client._receive
 
-        def interrupted(buf: bytearray) -> Any:
+        def interrupted(buf: bytearray, spin: bool) -> Any:
             monkeypatch.setattr(client, "_receive", real_receive)
             raise KeyboardInterrupt
 
@@ -891,3 +892,79 @@ def test_a_bug_in_a_handler_cuts_its_client_off_and_the_daemon_serves_on(
     finally:
         served.stop()
         thread.join(10)
+
+
+def test_a_fork_pins_inherited_pages_however_many_pieces(daemon: Served, tmp_path: Path) -> None:
+    """Overlays on every other page cut an inherited mapping into more pieces than one
+    message holds: the PIN (and the UNMAP at close) go in as many messages as needed, all
+    counted, and the client is never taken for a protocol offender."""
+    pieces = wire.MAX_RANGES + 905
+    with connect(daemon.socket) as client:
+        obj = client.open("pieces", 2 * pieces * PS, create=True)
+        m = obj.map(0, 2 * pieces * PS, inherit=True)
+        m.view()[:] = b"\x01" * (2 * pieces * PS)
+        (tmp_path / "zero").write_bytes(bytes(PS))
+        for i in range(pieces):
+            obj.overlay(m.address + (2 * i + 1) * PS, str(tmp_path / "zero"), 0, PS)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                time.sleep(0.5)  # the parent unmaps the first and last pages meanwhile
+                first, last = m.view()[0], m.view()[2 * (pieces - 1) * PS]
+                os.write(w, bytes([first, last]))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        assert obj.map_count(0) == 2 and obj.map_count(2 * (pieces - 1) * PS) == 2
+        obj.unmap(m.address, PS)
+        obj.unmap(m.address + 2 * (pieces - 1) * PS, PS)
+        obj.flush()
+        assert obj.map_count(0) == 1  # the child's pin holds every piece
+        assert os.read(r, 2) == b"\x01\x01"  # nothing was punched under the child
+        os.waitpid(pid, 0)
+        os.close(r)
+        assert wait_for(lambda: obj.stats().clients[0]["mapped_bytes"] == (pieces - 2) * PS)
+        m.close()  # one UNMAP of pieces - 2 ranges: more than one message holds
+        obj.flush()
+        assert obj.map_count(2 * PS) == 0 and obj.resident_bytes() == 0
+        assert client.verify("pieces") == []
+        obj.close()
+
+
+def test_a_call_from_a_signal_handler_does_not_leave_the_waiting_call_hung(
+    daemon: Served,
+) -> None:
+    """A handler's call that reads the waiting call's reply keeps it for that call, and
+    the waiting call finds it (it no longer sleeps in a blocking receive meanwhile)."""
+    with connect(daemon.socket) as client:
+        a = client.open("a", PS, create=True)
+        b = client.open("b", PS, create=True)
+        got: list[int] = []
+
+        def handler(signum: int, frame: object) -> None:
+            got.append(b.map_count(0))
+
+        def hung(signum: int, frame: object) -> None:
+            raise TimeoutError("the waiting call hung")
+
+        old = signal.signal(signal.SIGALRM, handler), signal.signal(signal.SIGUSR1, hung)
+        resume = threading.Timer(0.5, lambda: os.kill(daemon.process.pid, signal.SIGCONT))
+        watchdog = threading.Timer(10, lambda: os.kill(os.getpid(), signal.SIGUSR1))
+        try:
+            os.kill(daemon.process.pid, signal.SIGSTOP)  # the outer call waits...
+            signal.setitimer(signal.ITIMER_REAL, 0.2)  # ...when the handler calls too
+            resume.start()
+            watchdog.start()
+            assert a.map_count(0) == 0 and got == [0]
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+            resume.cancel()
+            watchdog.cancel()
+            signal.signal(signal.SIGALRM, old[0])
+            signal.signal(signal.SIGUSR1, old[1])
+        a.close()
+        b.close()

@@ -14,6 +14,7 @@ import errno
 import json
 import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -30,6 +31,10 @@ from devanon.counts import PageRange
 from devanon.mapper import Mapper
 
 log = logging.getLogger("devanon.broker")
+
+_WAIT = 0.05
+"""Seconds a wait for a reply sleeps before it looks again whether a call nested in it (a
+signal handler's) has read the reply for it."""
 
 
 class BrokerError(ConnectionError):
@@ -226,14 +231,18 @@ class Client:
             self._pending.discard(seq)
 
     def _reply_to(self, seq: int) -> tuple[bytes, list[int]]:
-        if self._early and seq in self._early:
-            return _result(*self._early.pop(seq))
-        buf = self._reply
+        buf, spin = self._reply, True
         while True:
+            if self._early and seq in self._early:  # a call nested in ours (from a signal
+                return _result(*self._early.pop(seq))  # handler) read our reply for us
             try:
-                n, ancillary = self._receive(buf)
+                got = self._receive(buf, spin)
             except OSError as e:
                 raise self._gone(e.strerror) from None
+            spin = False
+            if got is None:
+                continue
+            n, ancillary = got
             rfds = wire.descriptors(ancillary) if ancillary else []
             if n < wire.REPLY.size:
                 for fd in rfds:
@@ -253,10 +262,14 @@ class Client:
             if status != wire.STATUS_OK and not _take(self._unwanted, rseq):
                 self._late_errors.append(_error_text(reply[1]))  # a posted unmap refused
 
-    def _receive(self, buf: bytearray) -> tuple[int, list[tuple[int, int, bytes]]]:
-        """The next reply. Polls without sleeping for ``spin`` seconds first: the daemon
-        answers in ~20 us, and waking a sleeping process costs ~100 us on a virtual machine."""
-        sock, deadline = self._sock, time.perf_counter() + self.spin
+    def _receive(
+        self, buf: bytearray, spin: bool
+    ) -> tuple[int, list[tuple[int, int, bytes]]] | None:
+        """The next reply, or None if none came within ``_WAIT`` seconds. With ``spin``,
+        polls without sleeping for ``self.spin`` seconds first: the daemon answers in
+        ~20 us, and waking a sleeping process costs ~100 us on a virtual machine."""
+        sock = self._sock
+        deadline = time.perf_counter() + (self.spin if spin else 0.0)
         while True:
             try:
                 n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY, socket.MSG_DONTWAIT)
@@ -265,7 +278,14 @@ class Client:
                 if time.perf_counter() > deadline:
                     break
                 os.sched_yield()  # let the daemon have this CPU if it is waiting for one
-        n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY)
+        poller = select.poll()  # not a blocking recv: the caller looks at _early between
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(_WAIT * 1000):
+            return None
+        try:
+            n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
         return n, ancillary
 
     def raise_late_errors(self) -> None:
@@ -483,9 +503,16 @@ class SharedAnon(Mapper):
         if len(ranges) == 1:
             (first, last), ps = ranges[0], self.page_size
             self.client.map_one(self._handle, first * ps, (last - first) * ps)
-        elif ranges:
-            body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
-            self.client.call(wire.Op.MAP, body)
+            return
+        done: list[bytes] = []
+        try:
+            for body in self._range_bodies(ranges):
+                self.client.call(wire.Op.MAP, body)
+                done.append(body)
+        except BaseException:
+            for body in done:  # all or nothing: give back what was counted
+                self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+            raise
 
     def _lose(self, ranges: list[PageRange]) -> None:
         if not ranges or self._generation != self.client.generation:
@@ -493,8 +520,17 @@ class SharedAnon(Mapper):
         if len(ranges) == 1:
             self._lose_one(*ranges[0])
         else:
-            body = wire.pack_ranges(self._handle, self._byte_ranges(ranges))
-            self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+            for body in self._range_bodies(ranges):
+                self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+
+    def _range_bodies(self, ranges: list[PageRange]) -> list[bytes]:
+        """MAP/UNMAP/PIN bodies for ``ranges``, as many as the message size needs."""
+        byte_ranges = self._byte_ranges(ranges)
+        step = wire.MAX_RANGES
+        return [
+            wire.pack_ranges(self._handle, byte_ranges[i : i + step])
+            for i in range(0, len(byte_ranges), step)
+        ]
 
     def _before_op(self) -> None:
         if self._generation != self.client.generation or self.client._pid < 0:
@@ -522,11 +558,13 @@ class SharedAnon(Mapper):
         super()._prepare_fork(lifeline)
         try:
             pins = self._inherited_pages()
-            if pins:
-                body = wire.pack_ranges(self._handle, self._byte_ranges(pins))
+            if pins and lifeline < 0:
+                raise OSError(errno.EMFILE, "no lifeline pipe could be made")
+            for body in self._range_bodies(pins) if pins else []:
                 self.client.call(wire.Op.PIN, body, [lifeline])
-        except OSError as e:  # the daemon is gone, or refused: the child's copies go uncounted
-            log.warning("could not pin %r for a forked child: %s", self.name, e)
+        except BaseException as e:  # nothing may leave a fork hook half done (an interrupt
+            # is lost here); the daemon is gone, or refused: the child's copies go uncounted
+            log.warning("could not pin %r for a forked child: %r", self.name, e)
 
     def _forked(self, lifeline: int) -> None:
         """In the parent: pinned before the fork already."""

@@ -109,7 +109,13 @@ def name_of(raw: bytes) -> str:
     return name
 
 
+MAX_RANGES = (MAX_MESSAGE - HEADER.size - HANDLE.size) // RANGE.size
+"""The most ranges one MAP, UNMAP or PIN message holds (4,095)."""
+
+
 def pack_ranges(handle: int, ranges: list[tuple[int, int]]) -> bytes:
+    if len(ranges) > MAX_RANGES:
+        raise ValueError(f"{len(ranges)} ranges: a message holds at most {MAX_RANGES}")
     return HANDLE.pack(handle) + b"".join(RANGE.pack(o, n) for o, n in ranges)
 
 
