@@ -970,3 +970,23 @@ def test_a_call_from_a_signal_handler_does_not_leave_the_waiting_call_hung(
             signal.signal(signal.SIGUSR1, old[1])
         a.close()
         b.close()
+
+
+def test_a_stat_too_big_for_one_message_says_so(daemon: Served) -> None:
+    """Listing more objects than one reply holds is refused with EMSGSIZE, by name of the
+    remedy, and the connection goes on (it used to come back as cut-off JSON)."""
+    with connect(daemon.socket) as client:
+        made = []
+        while len(json.dumps(client.stat(made[0]) if made else [])) * len(made) < 2 * (
+            wire.MAX_MESSAGE
+        ):
+            name = f"many-{len(made):04d}"
+            client.open(name, PS, create=True).close()
+            made.append(name)
+        with pytest.raises(OSError, match="ask for one object by name") as refused:
+            client.stat()
+        assert refused.value.errno == errno.EMSGSIZE
+        assert client.stat(made[-1])[0]["name"] == made[-1]
+        for name in made:
+            client.unlink(name)
+        assert client.stat() == []

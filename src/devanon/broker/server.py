@@ -369,6 +369,12 @@ class Daemon:
             self._send(peer, wire.error(req.op, req.seq, *err))
             if peer.errors > MAX_ERRORS:
                 self._disconnect(peer)
+        elif wire.REPLY.size + len(reply.body) > wire.MAX_MESSAGE:  # STAT, VERIFY
+            text = (
+                f"the reply would be {len(reply.body)} bytes, over the {wire.MAX_MESSAGE} a "
+                "message holds: ask for one object by name"
+            )
+            self._send(peer, wire.error(req.op, req.seq, errno.EMSGSIZE, text))
         elif not (req.op == wire.Op.UNMAP and req.flags & wire.FLAG_NOREPLY):
             self._send(peer, wire.ok(req.op, req.seq, reply.body), reply.fds)
         for fd in reply.fds:
