@@ -15,7 +15,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -896,6 +895,11 @@ def test_a_bug_in_a_handler_cuts_its_client_off_and_the_daemon_serves_on(
         thread.join(10)
 
 
+def _bytes_when_told(conn: Connection, m: Any, offsets: list[int]) -> None:
+    conn.recv()
+    conn.send(bytes(m.view()[o] for o in offsets))
+
+
 def test_a_fork_pins_inherited_pages_however_many_pieces(daemon: Served, tmp_path: Path) -> None:
     """Overlays on every other page cut an inherited mapping into more pieces than one
     message holds: the PIN (and the UNMAP at close) go in as many messages as needed, all
@@ -908,27 +912,16 @@ def test_a_fork_pins_inherited_pages_however_many_pieces(daemon: Served, tmp_pat
         (tmp_path / "zero").write_bytes(bytes(PS))
         for i in range(pieces):
             obj.overlay(m.address + (2 * i + 1) * PS, str(tmp_path / "zero"), 0, PS)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                time.sleep(0.5)  # the parent unmaps the first and last pages meanwhile
-                first, last = m.view()[0], m.view()[2 * (pieces - 1) * PS]
-                os.write(w, bytes([first, last]))
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(w)
-        assert obj.map_count(0) == 2 and obj.map_count(2 * (pieces - 1) * PS) == 2
+        ends = [0, 2 * (pieces - 1) * PS]
+        proc, conn = worker(_bytes_when_told, m, ends)
+        assert obj.map_count(0) == 2 and obj.map_count(ends[1]) == 2
         obj.unmap(m.address, PS)
-        obj.unmap(m.address + 2 * (pieces - 1) * PS, PS)
+        obj.unmap(m.address + ends[1], PS)
         obj.flush()
         assert obj.map_count(0) == 1  # the child's pin holds every piece
-        assert os.read(r, 2) == b"\x01\x01"  # nothing was punched under the child
-        os.waitpid(pid, 0)
-        os.close(r)
+        conn.send("read")
+        assert conn.recv() == b"\x01\x01"  # nothing was punched under the child
+        proc.join(10)
         assert wait_for(lambda: obj.stats().clients[0]["mapped_bytes"] == (pieces - 2) * PS)
         m.close()  # one UNMAP of pieces - 2 ranges: more than one message holds
         obj.flush()
