@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -18,6 +19,16 @@ class Served:
 
     socket: str
     process: subprocess.Popen[str]
+
+    def read_log(self) -> str:
+        """What the daemon logged since the last call (its stdout pipe is non-blocking;
+        reading it also keeps the daemon from ever blocking on a full pipe)."""
+        assert self.process.stdout is not None
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.process.stdout.fileno(), 1 << 16):
+                chunks.append(chunk)
+        return b"".join(chunks).decode("utf-8", "replace")
 
     def stop(self) -> int:
         """SIGTERM; returns the exit code (the test fails if it hangs)."""

@@ -311,17 +311,6 @@ def daemon_memfds(pid: int) -> Counter[str]:
     return names
 
 
-def drain_daemon_log(daemon: Served) -> str:
-    """What the daemon logged since the last call (its stdout pipe is non-blocking; reading
-    it also keeps the daemon from ever blocking on a full pipe)."""
-    assert daemon.process.stdout is not None
-    chunks = []
-    with contextlib.suppress(BlockingIOError):
-        while chunk := os.read(daemon.process.stdout.fileno(), 1 << 16):
-            chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
-
-
 # -- the survivor --------------------------------------------------------------------------
 
 
@@ -801,17 +790,17 @@ class ChaosWorker:
         self.forks += 1
         child_seed = self.rng.randrange(2**32)
         go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
+
+        def child() -> int:
+            os.close(go_w)
+            self.report = Reporter(self.report.fd, f"{self.plan.label}, child")
             try:
-                os.close(go_w)
-                self.report = Reporter(self.report.fd, f"{self.plan.label}, child")
-                code = self.as_child(go_r, random.Random(child_seed))
+                return self.as_child(go_r, random.Random(child_seed))
             except BaseException:
                 self.report.error(traceback.format_exc())
-            finally:
-                os._exit(code)
+                return 1
+
+        pid = fork_process(child)
         os.close(go_r)
         os.write(go_w, b"g")
         os.close(go_w)
@@ -1083,7 +1072,7 @@ def check_after_round(
     pid = daemon.process.pid
     held = wait_for(lambda: daemon_descriptors(pid) == baseline, timeout=SETTLE)
     assert held, f"{where}: daemon descriptors {daemon_descriptors(pid)}, before {baseline}"
-    log = drain_daemon_log(daemon)
+    log = daemon.read_log()
     assert not any(word in log for word in DAEMON_TROUBLE), f"{where}: the daemon logged {log}"
 
 
@@ -1131,7 +1120,7 @@ def test_clients_killed_anywhere_leave_exactly_the_survivors_pages(
         shared = client.open(CHAOS, CHAOS_PAGES * PS, create=True)
         survivor = Survivor.start(shared)
         baseline = daemon_descriptors(daemon.process.pid)
-        drain_daemon_log(daemon)
+        daemon.read_log()
         for number in range(ROUNDS):
             rnd = Round(number, plan_round(random.Random(SEED * 1000 + number), number))
             run_round(rnd, daemon, overlay_path, survivor)

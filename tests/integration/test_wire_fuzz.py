@@ -595,18 +595,9 @@ class Session:
         return self.served.process.pid
 
     def drain_log(self) -> None:
-        """Read what the daemon logged (it would block once its stdout pipe is full)."""
-        assert self.served.process.stdout is not None
-        fd = self.served.process.stdout.fileno()
-        while True:
-            try:
-                chunk = os.read(fd, 1 << 16)
-            except BlockingIOError:
-                return
-            if not chunk:
-                return
-            lines = chunk.decode(errors="replace").splitlines()
-            self.log_tail = [*self.log_tail, *lines][-20:]
+        """Keep the tail of what the daemon logged (it would block once its stdout pipe
+        is full)."""
+        self.log_tail = [*self.log_tail, *self.served.read_log().splitlines()][-20:]
 
     def assert_alive(self) -> None:
         self.drain_log()
