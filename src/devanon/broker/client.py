@@ -560,7 +560,7 @@ class SharedAnon(Mapper):
             pins = self._inherited_pages()
             if pins and lifeline < 0:
                 raise OSError(errno.EMFILE, "no lifeline pipe could be made")
-            for body in self._range_bodies(pins) if pins else []:
+            for body in self._range_bodies(pins):
                 self.client.call(wire.Op.PIN, body, [lifeline])
         except BaseException as e:  # nothing may leave a fork hook half done (an interrupt
             # is lost here); the daemon is gone, or refused: the child's copies go uncounted
