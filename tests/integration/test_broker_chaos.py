@@ -484,31 +484,49 @@ def arm_tripwire(
             report.send("EVENT", f"tripwire {point}")
         die()
 
-    transmit, await_reply = client._transmit, client._await
+    transmit, send_one, await_reply = client._transmit, client._send_one, client._await
     seen = 0
     armed_after_mmap = False
+    inside_send_one = False
 
-    def tripped_transmit(message: bytes, fds: list[int] | None) -> None:
+    def tripped(kind: int, send: Callable[[], bool]) -> bool:
+        """Send one request of ``kind`` (on the socket or through the ring), dying where
+        the tripwire says."""
         nonlocal seen, armed_after_mmap
-        if message[0] != op:
-            transmit(message, fds)
-            return
+        if kind != op:
+            return send()
         seen += 1
         if seen == occurrence and point.endswith("-unsent"):
             die_here()  # the munmap (or fork) is done; the daemon never hears of it
-        transmit(message, fds)
+        sent = send()
         if seen == occurrence:
             if point == "map-mapped":
                 armed_after_mmap = True  # die once the mmap is made, before the yes is read
             else:
                 die_here()
+        return sent
 
-    def tripped_await(seq: int) -> tuple[bytes, list[int]]:
+    def tripped_transmit(message: bytes, fds: list[int] | None) -> None:
+        if inside_send_one:  # counted by tripped_send_one
+            transmit(message, fds)
+            return
+        tripped(message[0], lambda: bool(transmit(message, fds)))
+
+    def tripped_send_one(kind: wire.Op, *args: int) -> bool:
+        nonlocal inside_send_one
+        inside_send_one = True
+        try:
+            return tripped(kind, lambda: send_one(kind, *args))
+        finally:
+            inside_send_one = False
+
+    def tripped_await(seq: int, via_ring: bool = False) -> tuple[bytes, list[int]]:
         if armed_after_mmap:
             die_here()
-        return await_reply(seq)
+        return await_reply(seq, via_ring)
 
     client._transmit = tripped_transmit  # type: ignore[method-assign]
+    client._send_one = tripped_send_one  # type: ignore[method-assign,assignment]
     client._await = tripped_await  # type: ignore[method-assign]
 
 

@@ -218,6 +218,8 @@ BODY_OF: dict[int, st.SearchStrategy[bytes]] = {
     wire.Op.PIN: range_bodies(),
     wire.Op.COUNT: st.builds(wire.COUNT.pack, HANDLES, OFFSETS),
     wire.Op.SYNC: st.just(b""),
+    wire.Op.RING: st.just(b""),
+    wire.Op.WAKE: st.just(b""),
 }
 ANY_BODY = st.one_of(*BODY_OF.values(), st.binary(max_size=64))
 FD_KIND_NAMES = [
@@ -465,7 +467,7 @@ class Sent:
     refused: bool
     """Cannot be a request at all: the reply must be an EPROTO error."""
     noreply: bool
-    """An UNMAP with NOREPLY: answered only if it fails."""
+    """An UNMAP with NOREPLY, or a WAKE: answered only if it fails."""
 
     @classmethod
     def of(cls, payload: bytes, nfds: int) -> Sent:
@@ -475,7 +477,9 @@ class Sent:
         flags = wire.HEADER.unpack_from(payload)[1] if whole else 0
         within = len(payload) <= wire.MAX_MESSAGE and nfds <= FD_ROOM
         readable = whole and op in KNOWN_OPS and within
-        noreply = readable and op == wire.Op.UNMAP and bool(flags & wire.FLAG_NOREPLY)
+        noreply = readable and (
+            op == wire.Op.WAKE or (op == wire.Op.UNMAP and bool(flags & wire.FLAG_NOREPLY))
+        )
         return cls(op, seq, readable, not readable, noreply)
 
 
@@ -498,7 +502,8 @@ def check_reply(sent: Sent, data: bytes, nfds: int) -> int | None:
         return int(code)
     assert status == wire.STATUS_OK, f"reply status {status}"
     assert not sent.refused, f"{sent} should have been refused, got {data[:64]!r}"
-    assert nfds == (1 if op == wire.Op.OPEN else 0), f"{nfds} descriptors with {data[:64]!r}"
+    with_fd = (wire.Op.OPEN, wire.Op.RING)
+    assert nfds == (1 if op in with_fd else 0), f"{nfds} descriptors with {data[:64]!r}"
     if op == wire.Op.OPEN:
         assert len(body) == wire.OPENED.size
     elif op in (wire.Op.STAT, wire.Op.VERIFY):
@@ -566,7 +571,7 @@ class FuzzConnection:
             code = check_reply(sent, data, nfds)
             name = wire.Op(sent.op).name if sent.readable else "unreadable"
             event(f"{name}: {'ok' if code is None else errno.errorcode.get(code, code)}")
-            assert not (sent.noreply and code is None), f"a NOREPLY UNMAP answered: {probe!r}"
+            assert not (sent.noreply and code is None), f"a NOREPLY request answered: {probe!r}"
             self.protocol_errors += code == errno.EPROTO
         if self.closed:
             event("cut off" if probe.payload else "closed by an empty message")

@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from devanon import _libc, forking
 from devanon.broker import protocol as wire
+from devanon.broker import ring as rings
 from devanon.broker.server import default_socket_path
 from devanon.counts import PageRange
 from devanon.mapper import Mapper
@@ -35,6 +36,12 @@ log = logging.getLogger("devanon.broker")
 _WAIT = 0.05
 """Seconds a wait for a reply sleeps before it looks again whether a call nested in it (a
 signal handler's) has read the reply for it."""
+_SPINS = 32
+"""Looks at the ring a wait for a reply takes before it starts to yield the CPU."""
+_ON_SOCKET: tuple[int, bytes, list[int]] = (wire.STATUS_ERROR, b"", [])
+"""An early reply from the ring saying that the request was refused: the refusal itself
+(with its text) is on the socket."""
+_WAKE = wire.request(wire.Op.WAKE, 0)
 
 
 class BrokerError(ConnectionError):
@@ -89,9 +96,18 @@ def _raise(code: int, message: str) -> NoReturn:
 class Client:
     """One connection to the daemon. Thread-safe; a forked child reconnects on first use."""
 
-    def __init__(self, path: str | None = None, *, spin: float = 200e-6) -> None:
+    def __init__(
+        self, path: str | None = None, *, spin: float = 200e-6, ring: bool | None = None
+    ) -> None:
         self.path = path or default_socket_path()
         self.spin = spin
+        self._ring_wanted = rings.SUPPORTED if ring is None else bool(ring)
+        self._ring: rings.ClientRing | None = None
+        """One-range MAPs and UNMAPs go here, once the daemon gave us one (Op.RING)."""
+        self._ring_ok = True
+        """False from a request posted on the socket until the socket answers one: a ring
+        request written meanwhile could be served before it (the daemon serves the ring
+        first), and then the order of the two would be lost."""
         self._lock = threading.RLock()
         self._seq = 0
         self._late_errors: list[str] = []
@@ -118,7 +134,14 @@ class Client:
             ) from None
         self.generation += 1
         self._pid = os.getpid()
+        self._drop_ring()
         return sock
+
+    def _drop_ring(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
+        self._ring_ok = True
 
     def _after_fork_in_child(self) -> None:
         """The socket is the parent's: drop our copy; the next call reconnects. The lock
@@ -127,6 +150,7 @@ class Client:
         self._late_errors = []
         self._pending, self._early, self._unwanted = set(), {}, set()
         self._sock.close()
+        self._drop_ring()  # the parent's: ours comes with our own connection
         self._pid = -1
 
     # -- requests --------------------------------------------------------------------------
@@ -143,24 +167,23 @@ class Client:
         """Send a request without waiting (errors come back with a later call)."""
         with self._lock:
             self._transmit(wire.request(op, self._next_seq(), body, flags), None)
+            self._ring_ok = False
 
     def map_one(self, handle: int, offset: int, length: int) -> None:
         """MAP one range and wait for the yes."""
         with self._lock:
             seq = self._next_seq()
-            self._exchange(
-                wire.MAP_ONE.pack(wire.Op.MAP, 0, seq, handle, offset, length), seq, None
-            )
+            via_ring = self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
+            self._pending.add(seq)
+            self._await(seq, via_ring)
 
     def post_unmap(self, handle: int, offset: int, length: int, *, wanted: bool = True) -> None:
         """Post an UNMAP of one range (the hot path); unless ``wanted``, a refusal of it is
         not reported (``raise_late_errors``)."""
         with self._lock:
             seq = self._next_seq()
-            message = wire.MAP_ONE.pack(
-                wire.Op.UNMAP, wire.FLAG_NOREPLY, seq, handle, offset, length
-            )
-            self._transmit(message, None)
+            if not self._send_one(wire.Op.UNMAP, wire.FLAG_NOREPLY, seq, handle, offset, length):
+                self._ring_ok = False
             if not wanted:
                 self._unwanted.add(seq)
 
@@ -174,13 +197,13 @@ class Client:
         """
         with self._lock:
             seq = self._next_seq()
-            self._transmit(wire.MAP_ONE.pack(wire.Op.MAP, 0, seq, handle, offset, length), None)
+            via_ring = self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
             self._pending.add(seq)
             try:
                 address = mmap()
             except OSError:
                 try:
-                    self._await(seq)
+                    self._await(seq, via_ring)
                 except Exception:
                     pass  # refused (or the daemon is gone): nothing to give back
                 else:
@@ -190,7 +213,7 @@ class Client:
                 self._pending.discard(seq)  # its answer, when it comes, is nobody's
                 raise  # (an interrupt: the mapping may exist, so the count stays)
             try:
-                self._await(seq)
+                self._await(seq, via_ring)
             except Exception:
                 _libc.munmap(address, length)  # the daemon said no, or went away
                 raise
@@ -203,8 +226,45 @@ class Client:
     def _next_seq(self) -> int:
         if self._pid < 0:  # a forked child: the socket was the parent's
             self._sock = self._connect()
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        self._seq = (self._seq % 0xFFFFFFFF) + 1  # never 0: WAKE's
         return self._seq
+
+    def _send_one(
+        self, op: wire.Op, flags: int, seq: int, handle: int, offset: int, length: int
+    ) -> bool:
+        """Send a one-range MAP or UNMAP through the ring if we may, else on the socket;
+        True if it went through the ring (its reply, if any, comes there)."""
+        ring = self._ring
+        if ring is None and self._ring_wanted:
+            ring = self._open_ring()
+        if ring is not None and self._ring_ok and ring.post(op, flags, seq, handle, offset, length):
+            if ring.daemon_asleep():
+                self._transmit(_WAKE, None)
+            return True
+        self._transmit(wire.MAP_ONE.pack(op, flags, seq, handle, offset, length), None)
+        return False
+
+    def _open_ring(self) -> rings.ClientRing | None:
+        """Ask the daemon for a ring; None (and no more asking) if it has none to give."""
+        self._ring_wanted = False
+        try:
+            _, fds = self.call(wire.Op.RING)
+        except BrokerError:
+            raise
+        except OSError as e:  # EOPNOTSUPP, or EPROTO from a daemon that predates rings
+            log.info("no request ring from the daemon at %s: %s", self.path, e)
+            return None
+        try:
+            if len(fds) != 1:
+                raise rings.RingError(f"a RING reply carries one descriptor, not {len(fds)}")
+            self._ring = rings.ClientRing(fds[0])
+        except (OSError, ValueError) as e:
+            log.warning("cannot use the ring from the daemon at %s: %s", self.path, e)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        self._ring_wanted = True
+        return self._ring
 
     def _transmit(self, message: bytes, fds: list[int] | None) -> None:
         try:
@@ -220,21 +280,99 @@ class Client:
         self._pending.add(seq)
         return self._await(seq)
 
-    def _await(self, seq: int) -> tuple[bytes, list[int]]:
-        """The reply to request ``seq``. Replies come in the order of the requests; on the
-        way, errors for posted requests are kept (``raise_late_errors``), and the reply of
-        another request still awaited (by a signal handler that called us, say) is kept
-        for it."""
+    def _await(self, seq: int, via_ring: bool = False) -> tuple[bytes, list[int]]:
+        """The reply to request ``seq`` (from the ring if it went there). Replies come in
+        the order of the requests; on the way, errors for posted requests are kept
+        (``raise_late_errors``), and the reply of another request still awaited (by a
+        signal handler that called us, say) is kept for it."""
         try:
-            return self._reply_to(seq)
+            return self._ring_reply_to(seq) if via_ring else self._reply_to(seq)
         finally:
             self._pending.discard(seq)
+
+    def _ring_reply_to(self, seq: int) -> tuple[bytes, list[int]]:
+        """Wait for the ring's answer to ``seq``: look, then yield the CPU for ``spin``
+        seconds, then sleep on the socket, where the daemon's WAKE comes."""
+        ring, spins, deadline = self._ring, 0, 0.0
+        assert ring is not None
+        while True:
+            if self._early and seq in self._early:
+                early = self._early.pop(seq)
+                return self._reply_to(seq) if early is _ON_SOCKET else _result(*early)
+            try:
+                got = ring.reply()
+            except rings.RingError as e:
+                raise self._gone(str(e)) from None
+            if got is not None:
+                _, status, rseq = got
+                if rseq == seq:
+                    if status == wire.STATUS_OK:
+                        return b"", []
+                    return self._reply_to(seq)  # the refusal, with its text, came first
+                if rseq in self._pending:
+                    if status == wire.STATUS_OK:
+                        self._early[rseq] = (status, b"", [])
+                    else:
+                        self._early.setdefault(rseq, _ON_SOCKET)
+                continue
+            spins += 1
+            if spins <= _SPINS:
+                continue
+            now = time.perf_counter()
+            if not deadline:
+                deadline = now + self.spin
+            if now < deadline:
+                os.sched_yield()  # let the daemon have this CPU if it is waiting for one
+                continue
+            try:
+                if not ring.sleep(True):
+                    self._absorb(_WAIT)
+            finally:
+                ring.sleep(False)
+
+    def _absorb(self, timeout: float) -> None:
+        """Read what the socket holds, first waiting up to ``timeout`` seconds for it:
+        WAKEs, refusals of posted requests, replies someone waits for (kept for them)."""
+        sock, buf = self._sock, self._reply
+        if timeout:
+            poller = select.poll()
+            poller.register(sock, select.POLLIN)
+            if not poller.poll(timeout * 1000):
+                return
+        while True:
+            try:
+                n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                raise self._gone(e.strerror) from None
+            rfds = wire.descriptors(ancillary) if ancillary else []
+            if n < wire.REPLY.size:
+                for fd in rfds:
+                    os.close(fd)
+                raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
+            op, status, rseq = wire.REPLY.unpack_from(buf)
+            self._keep(op, rseq, (status, bytes(buf[wire.REPLY.size : n]), rfds))
+
+    def _keep(self, op: int, rseq: int, reply: tuple[int, bytes, list[int]]) -> None:
+        """A socket reply to a request other than the one being waited for."""
+        if op == wire.Op.WAKE:
+            return
+        if rseq in self._pending:
+            self._early[rseq] = reply
+            return
+        for fd in reply[2]:
+            os.close(fd)
+        if reply[0] != wire.STATUS_OK and not _take(self._unwanted, rseq):
+            self._late_errors.append(_error_text(reply[1]))  # a posted unmap refused
 
     def _reply_to(self, seq: int) -> tuple[bytes, list[int]]:
         buf, spin = self._reply, True
         while True:
             if self._early and seq in self._early:  # a call nested in ours (from a signal
-                return _result(*self._early.pop(seq))  # handler) read our reply for us
+                early = self._early.pop(seq)  # handler) read our reply for us
+                if early is not _ON_SOCKET:
+                    return _result(*early)
             try:
                 got = self._receive(buf, spin)
             except OSError as e:
@@ -248,19 +386,13 @@ class Client:
                 for fd in rfds:
                     os.close(fd)
                 raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
-            _, status, rseq = wire.REPLY.unpack_from(buf)
-            if rseq == seq and status == wire.STATUS_OK:  # the common case, kept short
-                return (bytes(buf[wire.REPLY.size : n]) if n > wire.REPLY.size else b""), rfds
-            reply = (status, bytes(buf[wire.REPLY.size : n]), rfds)
+            op, status, rseq = wire.REPLY.unpack_from(buf)
             if rseq == seq:
-                return _result(*reply)
-            if rseq in self._pending:
-                self._early[rseq] = reply
-                continue
-            for fd in rfds:
-                os.close(fd)
-            if status != wire.STATUS_OK and not _take(self._unwanted, rseq):
-                self._late_errors.append(_error_text(reply[1]))  # a posted unmap refused
+                self._ring_ok = True  # every request sent before this one is done
+                if status == wire.STATUS_OK:  # the common case, kept short
+                    return (bytes(buf[wire.REPLY.size : n]) if n > wire.REPLY.size else b""), rfds
+                return _result(status, bytes(buf[wire.REPLY.size : n]), rfds)
+            self._keep(op, rseq, (status, bytes(buf[wire.REPLY.size : n]), rfds))
 
     def _receive(
         self, buf: bytearray, spin: bool
@@ -291,6 +423,8 @@ class Client:
     def raise_late_errors(self) -> None:
         """Raise what the daemon said of earlier pipelined unmaps, if it refused any."""
         with self._lock:
+            if self._ring is not None and self._pid > 0:
+                self._absorb(0)  # a posted ring request's refusal comes on the socket
             if self._late_errors:
                 late, self._late_errors = self._late_errors, []
                 raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
@@ -343,6 +477,7 @@ class Client:
     def close(self) -> None:
         with self._lock:
             self._sock.close()
+            self._drop_ring()
 
     def __enter__(self) -> Client:
         return self

@@ -57,6 +57,10 @@ class Op(enum.IntEnum):
     COUNT = 9
     SYNC = 10
     """A barrier: its reply comes after every earlier request was done."""
+    RING = 11
+    """Ask for a request ring (``devanon.broker.ring``); the reply carries its memfd."""
+    WAKE = 12
+    """A ring's doorbell, either way: no body, never answered."""
 
 
 class ProtocolError(ValueError):

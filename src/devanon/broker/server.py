@@ -29,8 +29,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from devanon.broker import protocol as wire
+from devanon.broker import ring as rings
 from devanon.broker.objects import READ, WRITE, SharedObject, no_such
 from devanon.broker.verify import add_maps_of
 from devanon.counts import MapCounts
@@ -64,6 +66,7 @@ class Peer:
     handles: dict[int, SharedObject] = field(default_factory=dict)
     next_handle: int = 1
     errors: int = 0
+    ring: rings.DaemonRing | None = None
 
 
 def peer_groups(pid: int, gid: int) -> set[int]:
@@ -105,6 +108,8 @@ class Daemon:
         self.objects: dict[str, SharedObject] = {}
         self.unlinked: set[SharedObject] = set()
         self.peers: dict[int, Peer] = {}
+        self._ring_peers: dict[int, Peer] = {}
+        """Peers with a request ring: the loop polls their rings while it spins."""
         self.state_lock = threading.Lock()
         self._next_peer = 1
         self._stop = False
@@ -134,6 +139,8 @@ class Daemon:
             wire.Op.PIN: self._pin,
             wire.Op.COUNT: self._count,
             wire.Op.SYNC: self._sync,
+            wire.Op.RING: self._ring,
+            wire.Op.WAKE: self._wake,
         }
 
     # -- life ------------------------------------------------------------------------------
@@ -179,16 +186,24 @@ class Daemon:
         """Serve until stopped. After each request the loop polls without sleeping for
         ``spin`` seconds: a sleeping process takes ~100 us to wake on a virtual machine, more
         than a whole request costs, so a busy daemon stays awake and an idle one sleeps."""
-        spin, last = self.spin, 0.0
+        spin, last, passes = self.spin, 0.0, 0
         try:
             while not self._stop:
+                served = bool(self._ring_peers) and self._serve_rings()
+                if served:
+                    last = time.monotonic()
+                passes += 1
                 try:
                     if spin and time.monotonic() - last < spin:
+                        if self._ring_peers and passes % _RING_PASSES:
+                            if not served:
+                                os.sched_yield()  # a client waiting for a CPU gets this one
+                            continue  # the rings first: look at the sockets now and then
                         events = self._epoll.poll(0)
-                        if not events:
-                            os.sched_yield()  # a client waiting for a CPU gets this one
+                        if not events and not served:
+                            os.sched_yield()
                     else:
-                        events = self._epoll.poll(1.0)
+                        events = self._sleep()
                 except InterruptedError:
                     continue
                 if events:
@@ -203,6 +218,57 @@ class Daemon:
                             self._run(fd, action)
         finally:
             self._shutdown()
+
+    def _sleep(self) -> list[tuple[int, int]]:
+        """Wait for a descriptor; first tell every ring that requests now need a WAKE
+        (then look at the rings once more, after a fence: see ``devanon.broker.ring``)."""
+        asleep = [peer.ring for peer in self._ring_peers.values() if peer.ring is not None]
+        if not asleep:
+            return self._epoll.poll(1.0)
+        for ring in asleep:
+            ring.sleep(True)
+        try:
+            rings.fence()
+            if any(ring.pending() for ring in asleep):
+                return []
+            return self._epoll.poll(1.0)  # a timeout looks at the rings again
+        finally:
+            for ring in asleep:
+                ring.sleep(False)
+
+    def _serve_rings(self) -> bool:
+        """Serve every ring with requests in it; False if none had any."""
+        ready = [p for p in self._ring_peers.values() if p.ring is not None and p.ring.pending()]
+        if not ready:
+            return False
+        with self.state_lock:
+            for peer in ready:
+                if peer.ring is not None:
+                    self._run(peer.sock.fileno(), partial(self._serve_ring, peer))
+        return True
+
+    def _drain_rings(self) -> None:
+        """Serve what every ring holds (before a figure over all clients: the lock is held)."""
+        for peer in list(self._ring_peers.values()):
+            if peer.ring is not None and peer.ring.pending():
+                self._run(peer.sock.fileno(), partial(self._serve_ring, peer))
+
+    def _serve_ring(self, peer: Peer) -> None:
+        """Handle the requests in a peer's ring, in order (the lock is held)."""
+        assert peer.ring is not None
+        try:
+            taken = peer.ring.take()
+        except rings.RingError as e:
+            log.warning("client %d (pid %d) cut off: %s", peer.id, peer.pid, e)
+            self._disconnect(peer)
+            return
+        for op, flags, seq, handle, offset, length in taken:
+            if op in _FAST_OPS:
+                self._one_range(peer, op, flags, seq, handle, offset, length, peer.ring)
+            else:
+                self._protocol_error(peer, op, seq, f"op {op} does not go through a ring")
+            if peer.ring is None:  # cut off
+                return
 
     def _run(self, fd: int, action: Callable[[], None]) -> None:
         """Run what a readable descriptor calls for. A bug there must not take the daemon
@@ -281,7 +347,9 @@ class Daemon:
         log.info("client %d: pid %d uid %d", peer.id, pid, uid)
 
     def _receive(self, peer: Peer) -> None:
-        """Read and handle what the client sent, a few messages per wake-up."""
+        """Read and handle what the client sent, a few messages per wake-up. Before each
+        message, what the client's ring holds: it was written before the message was sent
+        (a client writes nothing to its ring while a message it posted may be unread)."""
         sock, buf = peer.sock, self._buf
         for _ in range(_BATCH):
             try:
@@ -291,8 +359,13 @@ class Daemon:
             except OSError:
                 self._disconnect(peer)
                 return
+            if peer.ring is not None and peer.ring.pending():
+                self._serve_ring(peer)
+                if peer.id not in self.peers:
+                    return
             if n == _FAST_SIZE and not ancillary and buf[0] in _FAST_OPS:
-                if self._map_or_unmap(peer):
+                op, mflags, seq, handle, offset, length = wire.MAP_ONE.unpack_from(buf)
+                if self._one_range(peer, op, mflags, seq, handle, offset, length, None):
                     return  # answered: a MAP's client sends nothing more till it reads this
                     # (epoll is level-triggered: whatever else it sent wakes us again)
                 continue
@@ -316,11 +389,20 @@ class Daemon:
             if peer.id not in self.peers:
                 return
 
-    def _map_or_unmap(self, peer: Peer) -> bool:
-        """The hot path: MAP or UNMAP of one range, straight from the buffer. A MAP is
-        answered as soon as it is known to be valid (counting it cannot fail), so the
+    def _one_range(
+        self,
+        peer: Peer,
+        op: int,
+        flags: int,
+        seq: int,
+        handle: int,
+        offset: int,
+        length: int,
+        ring: rings.DaemonRing | None,
+    ) -> bool:
+        """The hot path: MAP or UNMAP of one range, from the socket or from ``ring``. A MAP
+        is answered as soon as it is known to be valid (counting it cannot fail), so the
         client's wait does not include the bookkeeping. Returns True if it replied."""
-        op, flags, seq, handle, offset, length = wire.MAP_ONE.unpack_from(self._buf)
         obj = peer.handles.get(handle)
         try:
             if obj is None:
@@ -328,21 +410,54 @@ class Daemon:
             first, last = obj.page_range(offset, length)
             if op == wire.Op.MAP:
                 obj.room_for(peer.id, 1)
-                self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
-                if peer.id in self.peers:  # not cut off by the send
+                self._answer(peer, op, seq, ring)
+                if peer.id in self.peers:  # not cut off by the answer
                     obj.map_one(peer.id, first, last)
                 return True
             obj.unmap_one(peer.id, first, last)
         except ValueError as e:
-            self._send(peer, wire.error(op, seq, errno.EINVAL, str(e)))
+            self._refuse(peer, op, flags, seq, errno.EINVAL, str(e), ring)
             return True
         except OSError as e:
-            self._send(peer, wire.error(op, seq, e.errno or errno.EIO, e.strerror or str(e)))
+            self._refuse(peer, op, flags, seq, e.errno or errno.EIO, e.strerror or str(e), ring)
             return True
         if not flags & wire.FLAG_NOREPLY:
-            self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
+            self._answer(peer, op, seq, ring)
             return True
         return False
+
+    def _answer(self, peer: Peer, op: int, seq: int, ring: rings.DaemonRing | None) -> None:
+        """Say yes to a one-range request, where it came from."""
+        if ring is None:
+            self._send(peer, wire.REPLY.pack(op, wire.STATUS_OK, seq))
+        else:
+            self._ring_reply(peer, ring, op, wire.STATUS_OK, seq)
+
+    def _refuse(
+        self,
+        peer: Peer,
+        op: int,
+        flags: int,
+        seq: int,
+        code: int,
+        text: str,
+        ring: rings.DaemonRing | None,
+    ) -> None:
+        """Refuse a one-range request. The error and its text go on the socket; a ring
+        request that wants an answer also gets an error status in the ring, after it."""
+        self._send(peer, wire.error(op, seq, code, text))
+        if ring is not None and not flags & wire.FLAG_NOREPLY and peer.ring is ring:
+            self._ring_reply(peer, ring, op, wire.STATUS_ERROR, seq)
+
+    def _ring_reply(
+        self, peer: Peer, ring: rings.DaemonRing, op: int, status: int, seq: int
+    ) -> None:
+        wake = ring.reply(op, status, seq)
+        if wake is None:
+            log.warning("client %d (pid %d) cut off: it reads no ring replies", peer.id, peer.pid)
+            self._disconnect(peer)
+        elif wake:
+            self._send(peer, _WAKE_REPLY)
 
     def _handle(self, peer: Peer, req: wire.Request, fds: list[int]) -> None:
         err: tuple[int, str] | None = None
@@ -375,7 +490,9 @@ class Daemon:
                 "message holds: ask for one object by name"
             )
             self._send(peer, wire.error(req.op, req.seq, errno.EMSGSIZE, text))
-        elif not (req.op == wire.Op.UNMAP and req.flags & wire.FLAG_NOREPLY):
+        elif not (
+            req.op == wire.Op.WAKE or (req.op == wire.Op.UNMAP and req.flags & wire.FLAG_NOREPLY)
+        ):
             self._send(peer, wire.ok(req.op, req.seq, reply.body), reply.fds)
         for fd in reply.fds:
             os.close(fd)
@@ -438,6 +555,10 @@ class Daemon:
         peer.handles.clear()
         self._unwatch(peer.sock.fileno())
         self._unwatch(peer.pidfd)
+        if peer.ring is not None:
+            self._ring_peers.pop(peer.id, None)
+            peer.ring.close()
+            peer.ring = None
         peer.sock.close()
         os.close(peer.pidfd)
         self._forget_unused()
@@ -550,6 +671,7 @@ class Daemon:
         return Reply()
 
     def _stat(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        self._drain_rings()
         name = wire.name_of(req.body) if req.body else None
         if name is not None and (
             name not in self.objects or not self.objects[name].allows(peer.uid, peer.gids, READ)
@@ -574,6 +696,7 @@ class Daemon:
         return Reply(json.dumps(out).encode())
 
     def _verify(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        self._drain_rings()
         name = wire.name_of(req.body)
         obj = self.objects.get(name)
         if obj is None or not obj.allows(peer.uid, peer.gids, READ):
@@ -631,7 +754,29 @@ class Daemon:
             raise wire.ProtocolError(f"SYNC has no body, not {len(req.body)} bytes")
         return Reply()
 
+    def _ring(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        if req.body:
+            raise wire.ProtocolError(f"RING has no body, not {len(req.body)} bytes")
+        if not rings.SUPPORTED:
+            raise OSError(errno.EOPNOTSUPP, "no request rings on this machine: use the socket")
+        if peer.ring is not None:
+            raise OSError(errno.EBUSY, "this connection has its ring already")
+        fd = rings.create()
+        try:
+            peer.ring = rings.DaemonRing(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._ring_peers[peer.id] = peer
+        return Reply(fds=[fd])
+
+    def _wake(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        if req.body:
+            raise wire.ProtocolError(f"WAKE has no body, not {len(req.body)} bytes")
+        return Reply()  # _receive served the ring first
+
     def _count(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        self._drain_rings()
         handle, offset = wire.COUNT.unpack(req.body)
         obj = self._object(peer, handle)
         if not 0 <= offset < obj.size:
@@ -674,6 +819,9 @@ _BATCH = 16
 """Messages read from one client per wake-up (the others get their turn after)."""
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _FAST_SIZE = wire.MAP_ONE.size
+_RING_PASSES = 8
+"""While rings keep the loop busy, it looks at the sockets every this many passes."""
+_WAKE_REPLY = wire.REPLY.pack(wire.Op.WAKE, wire.STATUS_OK, 0)
 _FAST_OPS = frozenset((wire.Op.MAP, wire.Op.UNMAP))
 
 
