@@ -13,10 +13,13 @@ UNMAP. Every request is the broker's MAP/UNMAP message (28 bytes) for one 4 KiB 
     iteration of a block untimed so a block doesn't pay for the posted work of the one
     before). Median, min and mean are reported; ratios are of medians.
 
-    - ``broker_map_unmap``: ``m = shared.map(0, 4096); m.close()`` (a MAP round trip, mmap,
-      madvise(MADV_DONTFORK), munmap, a posted UNMAP; the daemon punches the page);
-    - ``broker_protocol``: ``client.call(Op.MAP)`` + ``client.post(Op.UNMAP,
-      FLAG_NOREPLY)`` with no mmap: the broker's share without the client's syscalls;
+    - ``broker_map_unmap``: ``m = shared.map(0, 4096); m.close()`` (a MAP through the
+      client's request ring and its reply, mmap, munmap, a posted UNMAP; the daemon punches
+      the page);
+    - ``broker_protocol``: ``client.map_one`` + ``client.post_unmap`` with no mmap: the
+      broker's share without the client's syscalls;
+    - diagnostic ``broker_map_unmap_socket``: ``broker_map_unmap`` from a client made with
+      ``ring=False``: every request a socket message, as before the rings;
     - baseline ``bare_round_trip``: send a 28-byte request, wait for the 8-byte reply, to a
       server doing blocking recv/send on one connection.
       Target: broker_map_unmap / bare_round_trip <= 2.
@@ -401,10 +404,12 @@ class Servers:
     epoll_path: str
 
 
-def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: SharedAnon) -> Json:
+def bench_round_trip(
+    cfg: Config, servers: Servers, client: Client, shared: SharedAnon, socket_only: SharedAnon
+) -> Json:
     """(a): map+unmap through the broker per iteration, against a bare round trip."""
     log(f"(a) round trip: {cfg.blocks} blocks of {cfg.block} iterations of each kind")
-    body = wire.pack_ranges(shared._handle, [(0, PAGE)])
+    handle = shared._handle
     request, posted = echo_messages(shared._handle, 0)
     bare = seqpacket(servers.bare_path)
     epoll = seqpacket(servers.epoll_path)
@@ -416,8 +421,12 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
         m.close()
 
     def broker_protocol() -> None:
-        client.call(wire.Op.MAP, body)
-        client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+        client.map_one(handle, 0, PAGE)
+        client.post_unmap(handle, 0, PAGE)
+
+    def broker_map_unmap_socket() -> None:
+        m = socket_only.map(0, PAGE)
+        m.close()
 
     def bare_round_trip() -> None:
         bare.send(request)
@@ -454,6 +463,7 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
     ops: dict[str, Callable[[], object]] = {
         "broker_map_unmap": broker_map_unmap,
         "broker_protocol": broker_protocol,
+        "broker_map_unmap_socket": broker_map_unmap_socket,
         "bare_round_trip": bare_round_trip,
         "bare_round_trip_polling": bare_round_trip_polling,
         "echo_epoll_round_trip": echo_epoll_round_trip,
@@ -473,7 +483,7 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
         epoll.close()
         os.close(raw_fd)
     per_kind = cfg.blocks * (cfg.block + 1)  # with each block's untimed first call
-    pairs_made = 2 * (warm.blocks + cfg.blocks) * (cfg.block + 1)
+    pairs_made = 3 * (warm.blocks + cfg.blocks) * (cfg.block + 1)
     med = {name: us(s)[0] for name, s in samples.items()}
     rows = {
         name: {
@@ -491,13 +501,13 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
     mins["bare"] = min(mins["bare_round_trip"], mins["bare_round_trip_polling"])
     return {
         "what": "per iteration, 4 KiB, one client; broker_map_unmap: SharedAnon.map(0, 4096) + "
-        "Mapping.close(); broker_protocol: Client.call(MAP) + Client.post(UNMAP, "
-        "FLAG_NOREPLY), no mmap; bare_round_trip: a 28-byte request and its 8-byte reply to "
-        "a blocking recv/send echo server (_polling: the client polls 200 us before it "
-        "sleeps, as devanon's does; the ratio uses the faster of the two); echo_epoll_*: "
-        "to a selectors echo server "
-        "(_pair: request, reply, a posted message); raw_syscalls: _libc mmap(MAP_SHARED) + "
-        "munmap of a memfd page",
+        "Mapping.close() (through the request ring); broker_protocol: Client.map_one + "
+        "Client.post_unmap, no mmap; broker_map_unmap_socket: broker_map_unmap by a client "
+        "without a ring (every request a socket message); bare_round_trip: a 28-byte "
+        "request and its 8-byte reply to a blocking recv/send echo server (_polling: the "
+        "client polls 200 us before it sleeps, as devanon's does; the ratio uses the faster "
+        "of the two); echo_epoll_*: to a selectors echo server (_pair: request, reply, a "
+        "posted message); raw_syscalls: _libc mmap(MAP_SHARED) + munmap of a memfd page",
         "samples_per_kind": cfg.blocks * cfg.block,
         "block": cfg.block,
         **rows,
@@ -507,6 +517,7 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
         "target": f"ratio (broker_map_unmap / bare, medians) <= {ROUND_TRIP_TARGET:g}",
         "ok": ratio <= ROUND_TRIP_TARGET,
         "protocol_ratio": round(med["broker_protocol"] / med["bare"], 3),
+        "socket_only_ratio": round(med["broker_map_unmap_socket"] / med["bare"], 3),
         "protocol_vs_echo_pair_ratio": round(med["broker_protocol"] / med["echo_epoll_pair"], 3),
         "breakdown_us": {
             "bare_round_trip": round(med["bare_round_trip"], 1),
@@ -522,7 +533,7 @@ def bench_round_trip(cfg: Config, servers: Servers, client: Client, shared: Shar
             ),
         },
         "server_cpu_us": {
-            "daemon_per_pair": round((cpu1[0] - cpu0[0]) / (2 * per_kind) * 1e6, 1),
+            "daemon_per_pair": round((cpu1[0] - cpu0[0]) / (3 * per_kind) * 1e6, 1),
             "bare_echo_per_round_trip": round((cpu1[1] - cpu0[1]) / per_kind * 1e6, 1),
             "epoll_echo_per_message": round((cpu1[2] - cpu0[2]) / (3 * per_kind) * 1e6, 1),
         },
@@ -692,9 +703,14 @@ def run(cfg: Config, directory: Path, result: Json) -> None:
             proc.start()
             procs.append(proc)
         servers = Servers(daemon, bare, bare_path, epoll, epoll_path)
-        with connect(daemon.socket_path) as client:
+        with (
+            connect(daemon.socket_path) as client,
+            Client(daemon.socket_path, ring=False) as socket_client,
+        ):
             shared = client.open(OBJECT, OBJECT_SIZE, create=True)
-            round_trip = bench_round_trip(cfg, servers, client, shared)
+            socket_only = socket_client.open(OBJECT)
+            round_trip = bench_round_trip(cfg, servers, client, shared, socket_only)
+            socket_only.close()
             pairs_made = round_trip.pop("_pairs_made")
             result["round_trip"] = round_trip
             pipes: list[Connection] = []

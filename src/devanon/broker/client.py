@@ -21,7 +21,6 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, NoReturn
 
 from devanon import _libc, forking
@@ -38,6 +37,11 @@ _WAIT = 0.05
 signal handler's) has read the reply for it."""
 _SPINS = 32
 """Looks at the ring a wait for a reply takes before it starts to yield the CPU."""
+_AWAKE_WAIT = 0.02
+"""Seconds a wait for a ring reply yields the CPU (rather than sleep) while the daemon is
+awake: under load the daemon is slow to come to each client, but it comes."""
+_LOOK = 0.001
+"""Seconds between looks at the socket while yielding."""
 _ON_SOCKET: tuple[int, bytes, list[int]] = (wire.STATUS_ERROR, b"", [])
 """An early reply from the ring saying that the request was refused: the refusal itself
 (with its text) is on the socket."""
@@ -187,8 +191,16 @@ class Client:
             if not wanted:
                 self._unwanted.add(seq)
 
-    def map_while(self, handle: int, offset: int, length: int, mmap: Callable[[], int]) -> int:
-        """MAP one range, making ``mmap()`` while the daemon counts; returns its address.
+    def map_while(
+        self,
+        handle: int,
+        offset: int,
+        length: int,
+        prot: int,
+        mmap: Callable[[int, int, int], int],
+    ) -> int:
+        """MAP one range, making ``mmap(length, prot, offset)`` while the daemon counts;
+        returns its address.
 
         The address is handed out only once the daemon said yes: on a refusal the mapping
         is undone and the daemon's error raised; an OSError from ``mmap`` gives the count
@@ -200,7 +212,7 @@ class Client:
             via_ring = self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
             self._pending.add(seq)
             try:
-                address = mmap()
+                address = mmap(length, prot, offset)
             except OSError:
                 try:
                     self._await(seq, via_ring)
@@ -237,10 +249,12 @@ class Client:
         ring = self._ring
         if ring is None and self._ring_wanted:
             ring = self._open_ring()
-        if ring is not None and self._ring_ok and ring.post(op, flags, seq, handle, offset, length):
-            if ring.daemon_asleep():
-                self._transmit(_WAKE, None)
-            return True
+        if ring is not None and self._ring_ok:
+            posted = ring.post(op, flags, seq, handle, offset, length)
+            if posted:
+                if posted == rings.WAKE_DAEMON:
+                    self._transmit(_WAKE, None)
+                return True
         self._transmit(wire.MAP_ONE.pack(op, flags, seq, handle, offset, length), None)
         return False
 
@@ -293,16 +307,20 @@ class Client:
     def _ring_reply_to(self, seq: int) -> tuple[bytes, list[int]]:
         """Wait for the ring's answer to ``seq``: look, then yield the CPU for ``spin``
         seconds, then sleep on the socket, where the daemon's WAKE comes."""
-        ring, spins, deadline = self._ring, 0, 0.0
+        ring, spins, deadline, give_up, look = self._ring, 0, 0.0, 0.0, 0.0
         assert ring is not None
+        words = ring.words
         while True:
             if self._early and seq in self._early:
                 early = self._early.pop(seq)
                 return self._reply_to(seq) if early is _ON_SOCKET else _result(*early)
-            try:
-                got = ring.reply()
-            except rings.RingError as e:
-                raise self._gone(str(e)) from None
+            if words[rings.REP_TAIL] == words[rings.REP_HEAD]:
+                got = None  # the common case while waiting, kept short
+            else:
+                try:
+                    got = ring.reply()
+                except rings.RingError as e:
+                    raise self._gone(str(e)) from None
             if got is not None:
                 _, status, rseq = got
                 if rseq == seq:
@@ -320,9 +338,15 @@ class Client:
                 continue
             now = time.perf_counter()
             if not deadline:
-                deadline = now + self.spin
-            if now < deadline:
+                deadline, give_up, look = now + self.spin, now + _AWAKE_WAIT, now + _LOOK
+            if now < deadline or (now < give_up and not words[rings.ASLEEP]):
+                # The daemon is awake and will come to us: wait without sleeping (a wake-up
+                # costs more than the yields on a virtual machine), looking at the socket
+                # now and then for its end.
                 os.sched_yield()  # let the daemon have this CPU if it is waiting for one
+                if now > look:
+                    self._absorb(0)
+                    look = now + _LOOK
                 continue
             try:
                 if not ring.sleep(True):
@@ -626,8 +650,13 @@ class SharedAnon(Mapper):
 
     def _map_counted(self, first: int, last: int, prot: int, offset: int) -> int:
         length = (last - first) * self.page_size
-        mmap = partial(self._mmap, 0, length, prot, _libc.MAP_SHARED, offset)
-        return self.client.map_while(self._handle, offset, length, mmap)
+        return self.client.map_while(self._handle, offset, length, prot, self._mmap_shared)
+
+    def _mmap_shared(self, length: int, prot: int, offset: int) -> int:
+        try:
+            return _libc.mmap(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
+        except OSError as e:
+            raise self._mmap_error(e) from None
 
     def _lose_one(self, first: int, last: int) -> None:
         if self._generation == self.client.generation:

@@ -64,6 +64,10 @@ def fence() -> None:
     _fence_lock.release()
 
 
+FULL, POSTED, WAKE_DAEMON = 0, 1, 2
+"""What ``ClientRing.post`` did."""
+
+
 class RingError(ValueError):
     """The other side wrote indices that cannot be (a broken or hostile peer)."""
 
@@ -103,22 +107,20 @@ class _Shared:
 class ClientRing(_Shared):
     """The client's side: post requests, take replies."""
 
-    def post(self, op: int, flags: int, seq: int, handle: int, offset: int, length: int) -> bool:
-        """Write a request; False if the ring is full (send it on the socket instead)."""
+    def post(self, op: int, flags: int, seq: int, handle: int, offset: int, length: int) -> int:
+        """Write a request: ``FULL`` (send it on the socket instead), ``POSTED``, or
+        ``WAKE_DAEMON`` (posted, but the daemon sleeps: send it an Op.WAKE)."""
         words = self.words
         tail = words[REQ_TAIL]
         if tail - words[REQ_HEAD] >= SLOTS:
-            return False
+            return FULL
         REQUEST.pack_into(
             self.requests, (tail % SLOTS) * REQUEST.size, op, flags, seq, handle, offset, length
         )
         words[REQ_TAIL] = tail + 1
-        return True
-
-    def daemon_asleep(self) -> bool:
-        """Whether the daemon sleeps and wants an Op.WAKE (call after ``post``)."""
-        fence()
-        return bool(self.words[ASLEEP])
+        _fence_lock.acquire()  # fence(), inline: this is the hot path
+        _fence_lock.release()
+        return WAKE_DAEMON if words[ASLEEP] else POSTED
 
     def reply(self) -> tuple[int, int, int] | None:
         """The next reply ``(op, status, seq)``, or None."""
