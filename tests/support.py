@@ -62,3 +62,25 @@ def data_pages(fd: int, size: int, page_size: int) -> set[int]:
         pages.update(range(data // page_size, -(-hole // page_size)))
         pos = hole
     return pages
+
+
+def kernel_counts(fd: int, pids: list[int]) -> dict[int, int]:
+    """Page -> how many VMAs of ``pids`` map the file ``fd`` there (the kernel's view,
+    summed over the processes)."""
+    page_size = os.sysconf("SC_PAGE_SIZE")
+    st = os.fstat(fd)
+    counts: dict[int, int] = {}
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                fields = line.split()
+                if int(fields[4]) != st.st_ino:
+                    continue
+                major, minor = (int(x, 16) for x in fields[3].split(":"))
+                if (major, minor) != (os.major(st.st_dev), os.minor(st.st_dev)):
+                    continue
+                lo, hi = (int(x, 16) for x in fields[0].split("-"))
+                first = int(fields[2], 16) // page_size
+                for page in range(first, first + (hi - lo) // page_size):
+                    counts[page] = counts.get(page, 0) + 1
+    return counts

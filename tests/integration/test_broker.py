@@ -22,34 +22,14 @@ from typing import Any
 
 import pytest
 from broker_daemon import Served, start_daemon, wait_for
-from support import interrupt_after_next_mmap, unmap_every_mapping_of
+from support import interrupt_after_next_mmap, kernel_counts, unmap_every_mapping_of
 
-from devanon.broker import BrokerError, Client, SharedAnon, connect
+from devanon.broker import BrokerError, Client, connect
 from devanon.broker import protocol as wire
 
 PS = os.sysconf("SC_PAGE_SIZE")
 FORK = multiprocessing.get_context("fork")
 SPAWN = multiprocessing.get_context("spawn")
-
-
-def kernel_counts(shared: SharedAnon, pids: list[int]) -> dict[int, int]:
-    """Page -> how many VMAs of ``pids`` map it (the kernel's view, summed)."""
-    st = os.fstat(shared.fd)
-    counts: dict[int, int] = {}
-    for pid in pids:
-        with open(f"/proc/{pid}/maps") as f:
-            for line in f:
-                fields = line.split()
-                if int(fields[4]) != st.st_ino:
-                    continue
-                major, minor = (int(x, 16) for x in fields[3].split(":"))
-                if (major, minor) != (os.major(st.st_dev), os.minor(st.st_dev)):
-                    continue
-                lo, hi = (int(x, 16) for x in fields[0].split("-"))
-                first = int(fields[2], 16) // PS
-                for page in range(first, first + (hi - lo) // PS):
-                    counts[page] = counts.get(page, 0) + 1
-    return counts
 
 
 def worker(target: Callable[..., None], *args: Any) -> tuple[Any, Connection]:
@@ -79,7 +59,7 @@ def test_two_processes_share_and_see_each_others_writes(daemon: Served) -> None:
         assert conn.recv() == "written"
         assert bytes(a.view()[PS : PS + 5]) == b"child"
         assert obj.map_count(0) == 2
-        assert kernel_counts(obj, [os.getpid(), proc.pid]) == dict.fromkeys(range(8), 2)
+        assert kernel_counts(obj.fd, [os.getpid(), proc.pid]) == dict.fromkeys(range(8), 2)
         assert client.verify("shared") == []
         # A unmaps while B still maps: nothing punched, the data stays
         a.close()
@@ -157,7 +137,7 @@ def test_verify_agrees_with_proc_maps_after_random_sequences_over_four_processes
         for _, conn in workers:
             assert conn.recv() == "settled"
         assert client.verify("random") == []
-        kernel = kernel_counts(obj, [proc.pid for proc, _ in workers])
+        kernel = kernel_counts(obj.fd, [proc.pid for proc, _ in workers])
         assert {p: obj.map_count(p * PS) for p in range(npages)} == {
             p: kernel.get(p, 0) for p in range(npages)
         }
@@ -650,11 +630,11 @@ def test_a_map_the_daemon_refuses_leaves_no_mapping(daemon: Served) -> None:
                 obj.map(PS, PS)
         finally:
             obj._handle = good_handle
-        assert kernel_counts(obj, [os.getpid()]) == {0: 1}  # page 1 is mapped nowhere
+        assert kernel_counts(obj.fd, [os.getpid()]) == {0: 1}  # page 1 is mapped nowhere
         assert len(obj._segments) == 1  # and nothing of it in the books
         assert client.stat("refused-map")[0]["mapped_bytes"] == PS
         again = obj.map(PS, PS)  # the connection is still in step: the next map works
-        assert kernel_counts(obj, [os.getpid()]) == {0: 1, 1: 1}
+        assert kernel_counts(obj.fd, [os.getpid()]) == {0: 1, 1: 1}
         again.close()
         kept.close()
         assert obj.resident_bytes() == 0
@@ -691,27 +671,31 @@ def test_a_client_cannot_make_the_daemons_memory_its_own(daemon: Served) -> None
         assert info["mapped_bytes"] == 0 and info["count_runs"] == 1
 
 
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
 def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
-    daemon: Served, monkeypatch: pytest.MonkeyPatch
+    daemon: Served, monkeypatch: pytest.MonkeyPatch, ring: bool
 ) -> None:
-    """Ctrl-C while a MAP's reply is awaited: no mapping, no count, the lock free; and
-    Ctrl-C just after the mmap: the count stays with the (lost) mapping, so the page under
-    it is never punched."""
+    """Ctrl-C while a MAP's reply is awaited (in the ring or on the socket): no mapping, no
+    count, the lock free; and Ctrl-C just after the mmap: the count stays with the (lost)
+    mapping, so the page under it is never punched."""
 
-    with connect(daemon.socket) as client:
+    with Client(daemon.socket, ring=ring) as client:
         obj = client.open("interrupted", 4 * PS, create=True)
-        real_receive = client._receive
+        obj.map(0, PS).close()  # the ring, if any, is set up
+        assert (client._ring is not None) == ring
+        wait = "_ring_reply_to" if ring else "_receive"
+        real_wait = getattr(client, wait)
 
-        def interrupted(buf: bytearray, spin: bool) -> Any:
-            monkeypatch.setattr(client, "_receive", real_receive)
+        def interrupted(*args: Any) -> Any:
+            monkeypatch.setattr(client, wait, real_wait)
             raise KeyboardInterrupt
 
-        monkeypatch.setattr(client, "_receive", interrupted)
+        monkeypatch.setattr(client, wait, interrupted)
         with pytest.raises(KeyboardInterrupt):
             obj.map(0, PS)
         assert not client._lock._is_owned()  # type: ignore[attr-defined]
         obj.flush()  # no late error: the give-back UNMAP's answer is nobody's
-        assert kernel_counts(obj, [os.getpid()]) == {}
+        assert kernel_counts(obj.fd, [os.getpid()]) == {}
         assert client.verify("interrupted") == []
 
         keep = obj.map(0, PS)
@@ -727,21 +711,27 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
         obj.close()
 
 
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+@pytest.mark.parametrize("nested", ["stat", "map"])
 def test_a_call_made_while_a_map_waits_does_not_steal_its_reply(
-    daemon: Served, monkeypatch: pytest.MonkeyPatch
+    daemon: Served, monkeypatch: pytest.MonkeyPatch, ring: bool, nested: str
 ) -> None:
     """A signal handler may use the client in the middle of a map (the lock is reentrant):
-    each waiter gets its own reply."""
+    each waiter gets its own reply, through the ring or the socket."""
     from devanon import _libc
 
-    with connect(daemon.socket) as client:
+    with Client(daemon.socket, ring=ring) as client:
         obj = client.open("reentrant", 4 * PS, create=True)
+        obj.map(0, PS).close()  # the ring, if any, is set up
         real_mmap = _libc.mmap
         seen: list[int] = []
+        inner: list[Any] = []
 
         def mmap_and_stat(*args: int) -> int:
             monkeypatch.setattr(_libc, "mmap", real_mmap)
             address = real_mmap(*args)
+            if nested == "map":
+                inner.append(obj.map(PS, PS))  # a MAP of its own while ours waits
             seen.append(client.stat("reentrant")[0]["mapped_bytes"])
             return address
 
@@ -751,7 +741,11 @@ def test_a_call_made_while_a_map_waits_does_not_steal_its_reply(
         mapper.start()
         mapper.join(10)
         assert not mapper.is_alive(), "the map waits for a reply somebody else took"
-        assert seen == [PS]  # the MAP was counted before the stat's answer
+        # the outer MAP was counted before the stat's answer (and the inner one too)
+        assert seen == [PS * (2 if nested == "map" else 1)]
+        assert kernel_counts(obj.fd, [os.getpid()]) == ({0: 1, 1: 1} if inner else {0: 1})
+        for m in inner:
+            m.close()
         made[0].close()
         obj.flush()
         assert client._late_errors == []

@@ -260,14 +260,18 @@ class Client:
 
     def _open_ring(self) -> rings.ClientRing | None:
         """Ask the daemon for a ring; None (and no more asking) if it has none to give."""
-        self._ring_wanted = False
+        self._ring_wanted = False  # the call below must not ask again
         try:
             _, fds = self.call(wire.Op.RING)
-        except BrokerError:
-            raise
-        except OSError as e:  # EOPNOTSUPP, or EPROTO from a daemon that predates rings
+        except OSError as e:
+            if isinstance(e, BrokerError):
+                self._ring_wanted = True
+                raise
             log.info("no request ring from the daemon at %s: %s", self.path, e)
-            return None
+            return None  # EOPNOTSUPP, or EPROTO from a daemon that predates rings
+        except BaseException:
+            self._ring_wanted = True  # interrupted: ask again next time
+            raise
         try:
             if len(fds) != 1:
                 raise rings.RingError(f"a RING reply carries one descriptor, not {len(fds)}")

@@ -1,0 +1,207 @@
+"""Request rings with a real daemon: the kernel's view stays the oracle, hostile rings cut
+off only their own client, and the order of a client's requests survives two channels."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from broker_daemon import Served, start_daemon, wait_for
+from support import data_pages, kernel_counts
+
+from devanon.broker import Client, connect
+from devanon.broker import protocol as wire
+from devanon.broker import ring as rings
+
+PS = os.sysconf("SC_PAGE_SIZE")
+
+pytestmark = pytest.mark.skipif(not rings.SUPPORTED, reason="rings are x86-64 only")
+
+
+def _raw_with_ring(path: str, name: str) -> tuple[socket.socket, int, rings.ClientRing]:
+    """A raw connection that opened ``name`` (its handle) and took a ring."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.connect(path)
+    sock.settimeout(5)
+    sock.send(wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + name.encode()))
+    data, fds, _, _ = socket.recv_fds(sock, wire.MAX_MESSAGE, 4)
+    for fd in fds:
+        os.close(fd)
+    (handle,) = wire.HANDLE.unpack_from(data, wire.REPLY.size)
+    sock.send(wire.request(wire.Op.RING, 2))
+    data, fds, _, _ = socket.recv_fds(sock, wire.MAX_MESSAGE, 4)
+    assert wire.REPLY.unpack_from(data) == (wire.Op.RING, wire.STATUS_OK, 2) and len(fds) == 1
+    ring = rings.ClientRing(fds[0])
+    os.close(fds[0])
+    return sock, handle, ring
+
+
+def _post(sock: socket.socket, ring: rings.ClientRing, *record: int) -> None:
+    """Write a request into the ring and ring the doorbell (whether or not it sleeps)."""
+    assert ring.post(*record)
+    sock.send(wire.request(wire.Op.WAKE, 0))
+
+
+def _error(sock: socket.socket) -> tuple[int, int, int, str]:
+    """The next socket message, an error: op, seq, errno, text."""
+    data = sock.recv(wire.MAX_MESSAGE)
+    op, status, seq = wire.REPLY.unpack_from(data)
+    assert status == wire.STATUS_ERROR, data
+    (code,) = wire.ERROR.unpack_from(data, wire.REPLY.size)
+    return op, seq, code, data[wire.REPLY.size + wire.ERROR.size :].decode()
+
+
+def _ring_reply(ring: rings.ClientRing) -> tuple[int, int, int]:
+    """The next reply in the ring (the daemon writes it after the socket's error)."""
+    got: list[tuple[int, int, int]] = []
+
+    def arrived() -> bool:
+        reply = ring.reply()
+        if reply is not None:
+            got.append(reply)
+        return bool(got)
+
+    assert wait_for(arrived)
+    return got[0]
+
+
+def test_maps_go_through_the_ring_and_the_counts_match_the_kernel(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("ringed", 64 * PS, create=True)
+        rng = random.Random(4)
+        held = []
+        for _ in range(300):
+            if held and rng.random() < 0.5:
+                held.pop(rng.randrange(len(held))).close()
+            else:
+                first = rng.randrange(64)
+                m = obj.map(first * PS, rng.randint(1, 64 - first) * PS)
+                m.view()[:1] = b"r"
+                held.append(m)
+        ring = client._ring
+        assert ring is not None and ring.words[rings.REQ_TAIL] == 300  # every one went there
+        obj.flush()
+        kernel = kernel_counts(obj.fd, [os.getpid()])
+        assert [obj.map_count(p * PS) for p in range(64)] == [kernel.get(p, 0) for p in range(64)]
+        assert client.verify("ringed") == []
+        assert data_pages(obj.fd, 64 * PS, PS) <= set(kernel)  # nothing unmapped holds data
+        for m in held:
+            m.close()
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def test_a_daemon_that_always_sleeps_is_woken_and_wakes_its_clients(socket_dir: Path) -> None:
+    """With --spin-us 0 the daemon sleeps after every request, so every MAP needs both
+    doorbells (the client's WAKE, then the daemon's): none may be lost."""
+    served = start_daemon(str(socket_dir / "dv.sock"), "--spin-us", "0")
+    try:
+        with Client(served.socket, spin=0) as client:
+            obj = client.open("sleepy", 4 * PS, create=True)
+            took = []
+            for i in range(300):
+                t0 = time.monotonic()
+                m = obj.map((i % 4) * PS, PS)
+                m.view()[:1] = b"s"
+                m.close()
+                took.append(time.monotonic() - t0)
+                # A lost doorbell is not a hang: the daemon looks at the rings every second
+                # anyway, and a waiting client every 50 ms. It shows as such a pause.
+                assert took[-1] < 0.9, f"map {i}: {took[-1]:.2f} s: a WAKE was lost"
+            assert sum(took) < 6, f"{sum(took):.1f} s: the daemon's WAKEs are lost"
+            assert client._ring is not None and client._ring.words[rings.REQ_TAIL] == 600
+            assert obj.resident_bytes() == 0 and client.verify("sleepy") == []
+            obj.close()
+    finally:
+        assert served.stop() == 0
+
+
+def test_ring_requests_are_checked_like_messages(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("checked", 8 * PS, create=True)
+        keep = obj.map(0, 8 * PS)
+        keep.view()[:] = b"k" * 8 * PS
+        before = client.stat("checked")[0]
+        sock, handle, ring = _raw_with_ring(daemon.socket, "checked")
+
+        _post(sock, ring, 77, 0, 10, handle, 0, PS)  # an op a ring does not carry
+        assert _error(sock)[:3] == (77, 10, errno.EPROTO)
+        _post(sock, ring, wire.Op.MAP, 0, 11, 99, 0, PS)  # no such handle
+        assert _error(sock)[:3] == (wire.Op.MAP, 11, errno.EINVAL)
+        assert _ring_reply(ring) == (wire.Op.MAP, wire.STATUS_ERROR, 11)
+        _post(sock, ring, wire.Op.MAP, 0, 12, handle, 1, PS)  # unaligned
+        op, seq, code, text = _error(sock)
+        assert (op, seq, code) == (wire.Op.MAP, 12, errno.EINVAL) and "0x1" in text
+        assert _ring_reply(ring) == (wire.Op.MAP, wire.STATUS_ERROR, 12)
+        _post(sock, ring, wire.Op.UNMAP, wire.FLAG_NOREPLY, 13, handle, 0, PS)  # not mapped
+        assert _error(sock)[:3] == (wire.Op.UNMAP, 13, errno.EINVAL)
+
+        assert client.stat("checked")[0]["mapped_bytes"] == before["mapped_bytes"]
+        _post(sock, ring, wire.Op.MAP, 0, 14, handle, 0, PS)  # a good one, counted
+        assert _ring_reply(ring) == (wire.Op.MAP, wire.STATUS_OK, 14)
+        assert obj.map_count(0) == 2
+        sock.close()  # gone: its count goes, nothing of ours is punched
+        assert wait_for(lambda: obj.map_count(0) == 1)
+        after = client.stat("checked")[0]
+        for key in ("mapped_bytes", "resident_bytes", "freed_bytes", "punch_calls"):
+            assert after[key] == before[key], key
+        assert bytes(keep.view()) == b"k" * 8 * PS and client.verify("checked") == []
+        ring.close()
+        keep.close()
+        obj.close()
+
+
+@pytest.mark.parametrize("how", ["impossible_tail", "replies_unread"])
+def test_a_broken_ring_cuts_off_only_its_own_client(daemon: Served, how: str) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("steady", 4 * PS, create=True)
+        keep = obj.map(0, 4 * PS)
+        keep.view()[:] = b"s" * 4 * PS
+        sock, handle, ring = _raw_with_ring(daemon.socket, "steady")
+        if how == "impossible_tail":
+            ring.words[rings.REQ_TAIL] = rings.SLOTS + 5
+            sock.send(wire.request(wire.Op.WAKE, 0))
+        else:  # MAPs whose replies it never reads: the reply ring fills up
+            for seq in range(1, rings.SLOTS + 2):
+                _post(sock, ring, wire.Op.MAP, 0, seq, handle, PS, PS)
+        sock.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):  # our WAKEs were left unread
+            while sock.recv(wire.MAX_MESSAGE):
+                pass  # the daemon's WAKEs: it is cut off when the connection ends
+        assert wait_for(lambda: obj.map_count(PS) == 1)  # its counts went with it
+        assert bytes(keep.view()) == b"s" * 4 * PS
+        assert obj.resident_bytes() == 4 * PS and client.verify("steady") == []
+        again = obj.map(0, PS)  # and the daemon serves the others as before
+        again.close()
+        ring.close()
+        sock.close()
+        keep.close()
+        obj.close()
+
+
+def test_an_unmap_posted_on_the_socket_stays_before_later_ring_requests(
+    daemon: Served, tmp_path: Path
+) -> None:
+    """An unmap of two ranges goes on the socket; a map of one of its pages right after
+    must not overtake it through the ring (the page would never reach 0 and be punched),
+    so it reads zeros."""
+    image = tmp_path / "image"
+    image.write_bytes(b"i" * PS)
+    with connect(daemon.socket) as client:
+        obj = client.open("ordered", 3 * PS, create=True)
+        for round_ in range(50):
+            m = obj.map(0, 3 * PS)
+            m.view()[:] = bytes([65 + round_ % 26]) * 3 * PS
+            obj.overlay(m.address + PS, image, 0, PS)  # the middle page: the file's
+            m.close()  # two ranges (pages 0 and 2): one UNMAP message on the socket
+            again = obj.map(0, PS)
+            assert bytes(again.view()) == bytes(PS), f"round {round_}: page 0 kept its data"
+            again.close()
+        assert obj.resident_bytes() == 0 and client.verify("ordered") == []
+        obj.close()
