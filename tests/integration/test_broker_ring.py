@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 from broker_daemon import Served, start_daemon, wait_for
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support import data_pages, kernel_counts
 
 from devanon.broker import Client, connect
@@ -205,3 +207,61 @@ def test_an_unmap_posted_on_the_socket_stays_before_later_ring_requests(
             again.close()
         assert obj.resident_bytes() == 0 and client.verify("ordered") == []
         obj.close()
+
+
+RECORDS = st.lists(
+    st.tuples(
+        st.one_of(st.sampled_from([wire.Op.MAP, wire.Op.UNMAP]), st.integers(0, 255)),
+        st.sampled_from([0, wire.FLAG_NOREPLY, 0xFFFF]),
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([1, 2, 0, 2**32 - 1]),
+        st.one_of(st.integers(0, 9).map(lambda p: p * PS), st.integers(0, 2**64 - 1)),
+        st.one_of(st.integers(1, 9).map(lambda p: p * PS), st.integers(0, 2**64 - 1)),
+    ),
+    max_size=2 * rings.SLOTS,
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(records=RECORDS, tail_jump=st.one_of(st.none(), st.integers(-5, 2**64 - 1)))
+def test_fuzzed_rings_leave_nothing_changed_once_their_client_is_gone(
+    daemon: Served, records: list[tuple[int, ...]], tail_jump: int | None
+) -> None:
+    """Any records (and any index) a client writes into its ring: while it lives it may
+    count what it was allowed to; once it is gone, every count, byte and descriptor of the
+    daemon is as before, and the daemon serves on."""
+    with connect(daemon.socket) as client:
+        victim = client.open("victim", 8 * PS, create=True)
+        keep = victim.map(0, 4 * PS)
+        keep.view()[:] = b"v" * 4 * PS
+        before = client.stat("victim")[0]
+        fds_before = sorted(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+        sock, handle, ring = _raw_with_ring(daemon.socket, "victim")
+        assert handle == 1
+        for record in records:
+            if not ring.post(*record):
+                sock.send(wire.request(wire.Op.WAKE, 0))  # full: let the daemon catch up
+                assert wait_for(lambda r=record: bool(ring.post(*r)))  # type: ignore[misc]
+            ring.reply()  # read a reply now and then (not all: the ring may fill)
+        if tail_jump is not None:
+            ring.words[rings.REQ_TAIL] = (ring.words[rings.REQ_TAIL] + tail_jump) % 2**64
+        with contextlib.suppress(OSError):
+            sock.send(wire.request(wire.Op.WAKE, 0))
+            sock.send(wire.request(wire.Op.SYNC, 1))
+        ring.close()
+        sock.close()
+        assert wait_for(lambda: client.stat("victim")[0]["clients"] == before["clients"])
+        after = client.stat("victim")[0]
+        for key in ("mapped_bytes", "resident_bytes", "count_runs"):
+            assert after[key] == before[key], key
+        assert [victim.map_count(p * PS) for p in range(8)] == [1] * 4 + [0] * 4
+        assert bytes(keep.view()) == b"v" * 4 * PS and client.verify("victim") == []
+        assert wait_for(lambda: sorted(os.listdir(f"/proc/{daemon.process.pid}/fd")) == fds_before)
+        assert daemon.process.poll() is None
+        keep.close()
+        victim.close()
+        client.unlink("victim")
