@@ -8,6 +8,7 @@ import errno
 import os
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -265,3 +266,36 @@ def test_fuzzed_rings_leave_nothing_changed_once_their_client_is_gone(
         keep.close()
         victim.close()
         client.unlink("victim")
+
+
+def test_an_idle_ring_is_no_longer_polled_and_its_doorbell_brings_it_back(
+    daemon: Served,
+) -> None:
+    """While another client keeps the daemon awake, a ring unused for a while says the
+    daemon sleeps (so the loop does not poll it), and its next request still gets served."""
+    with connect(daemon.socket) as idle, connect(daemon.socket) as busy:
+        obj = idle.open("idle", 4 * PS, create=True)
+        other = busy.open("idle")
+        obj.map(0, PS).close()
+        other.map(PS, PS).close()
+        ring = idle._ring
+        assert ring is not None and ring.words[rings.ASLEEP] == 0
+        stop = threading.Event()
+
+        def keep_busy() -> None:
+            while not stop.is_set():
+                other.map(PS, PS).close()
+
+        thread = threading.Thread(target=keep_busy, daemon=True)
+        thread.start()
+        try:
+            assert wait_for(lambda: ring.words[rings.ASLEEP] == 1)
+            m = obj.map(2 * PS, PS)  # through the ring, with a WAKE
+            assert ring.words[rings.ASLEEP] == 0 and obj.map_count(2 * PS) == 1
+            m.close()
+        finally:
+            stop.set()
+            thread.join(10)
+        assert idle.verify("idle") == []
+        other.close()
+        obj.close()

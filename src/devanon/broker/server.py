@@ -67,6 +67,8 @@ class Peer:
     next_handle: int = 1
     errors: int = 0
     ring: rings.DaemonRing | None = None
+    ring_used: float = 0.0
+    """When the daemon last found requests in the ring (``time.monotonic``)."""
 
 
 def peer_groups(pid: int, gid: int) -> set[int]:
@@ -109,7 +111,10 @@ class Daemon:
         self.unlinked: set[SharedObject] = set()
         self.peers: dict[int, Peer] = {}
         self._ring_peers: dict[int, Peer] = {}
-        """Peers with a request ring: the loop polls their rings while it spins."""
+        """Peers with a request ring."""
+        self._polled: dict[int, Peer] = {}
+        """Peers whose rings the loop polls while it spins (their requests need no WAKE):
+        those that used them lately. The others' rings say the daemon sleeps."""
         self.state_lock = threading.Lock()
         self._next_peer = 1
         self._stop = False
@@ -189,16 +194,19 @@ class Daemon:
         spin, last, passes = self.spin, 0.0, 0
         try:
             while not self._stop:
-                served = bool(self._ring_peers) and self._serve_rings()
+                served = bool(self._polled) and self._serve_rings()
+                now = time.monotonic()
                 if served:
-                    last = time.monotonic()
+                    last = now
                 passes += 1
                 try:
-                    if spin and time.monotonic() - last < spin:
-                        if self._ring_peers and passes % _RING_PASSES:
+                    if spin and now - last < spin:
+                        if self._polled and passes % _RING_PASSES:
                             if not served:
                                 os.sched_yield()  # a client waiting for a CPU gets this one
                             continue  # the rings first: look at the sockets now and then
+                        if self._polled:
+                            self._stop_polling_idle(now)
                         events = self._epoll.poll(0)
                         if not events and not served:
                             os.sched_yield()
@@ -220,29 +228,56 @@ class Daemon:
             self._shutdown()
 
     def _sleep(self) -> list[tuple[int, int]]:
-        """Wait for a descriptor; first tell every ring that requests now need a WAKE
-        (then look at the rings once more, after a fence: see ``devanon.broker.ring``)."""
-        asleep = [peer.ring for peer in self._ring_peers.values() if peer.ring is not None]
-        if not asleep:
-            return self._epoll.poll(1.0)
-        for ring in asleep:
-            ring.sleep(True)
-        try:
-            rings.fence()
-            if any(ring.pending() for ring in asleep):
-                return []
-            return self._epoll.poll(1.0)  # a timeout looks at the rings again
-        finally:
-            for ring in asleep:
-                ring.sleep(False)
+        """Wait for a descriptor, once the polled rings know that requests now need a WAKE.
+        A second with nothing at all: look at every ring anyway."""
+        if self._polled and not self._stop_polling(list(self._polled.values())):
+            return []  # requests came meanwhile
+        events = self._epoll.poll(1.0)
+        if not events:
+            for peer in self._ring_peers.values():
+                if peer.ring is not None and peer.ring.pending():
+                    self._poll_ring(peer)
+        return events
+
+    def _poll_ring(self, peer: Peer) -> None:
+        """Poll ``peer``'s ring from now on (its requests need no WAKE)."""
+        assert peer.ring is not None
+        peer.ring.sleep(False)
+        peer.ring_used = time.monotonic()
+        self._polled[peer.id] = peer
+
+    def _stop_polling(self, peers: list[Peer]) -> bool:
+        """Tell these rings that the daemon sleeps (their requests need a WAKE), then look
+        at them once more, after a fence (see ``devanon.broker.ring``): False if one had
+        requests (it is polled again)."""
+        for peer in peers:
+            assert peer.ring is not None
+            peer.ring.sleep(True)
+            del self._polled[peer.id]
+        rings.fence()
+        quiet = True
+        for peer in peers:
+            if peer.ring is not None and peer.ring.pending():
+                self._poll_ring(peer)
+                quiet = False
+        return quiet
+
+    def _stop_polling_idle(self, now: float) -> None:
+        """Stop polling the rings unused for ``_RING_IDLE`` seconds: polling costs the
+        loop time for every ring, and an idle client can ring the doorbell."""
+        idle = [p for p in self._polled.values() if now - p.ring_used > _RING_IDLE]
+        if idle:
+            self._stop_polling(idle)
 
     def _serve_rings(self) -> bool:
-        """Serve every ring with requests in it; False if none had any."""
-        ready = [p for p in self._ring_peers.values() if p.ring is not None and p.ring.pending()]
+        """Serve every polled ring with requests in it; False if none had any."""
+        ready = [p for p in self._polled.values() if p.ring is not None and p.ring.pending()]
         if not ready:
             return False
+        now = time.monotonic()
         with self.state_lock:
             for peer in ready:
+                peer.ring_used = now
                 if peer.ring is not None:
                     self._run(peer.sock.fileno(), partial(self._serve_ring, peer))
         return True
@@ -349,7 +384,10 @@ class Daemon:
     def _receive(self, peer: Peer) -> None:
         """Read and handle what the client sent, a few messages per wake-up. Before each
         message, what the client's ring holds: it was written before the message was sent
-        (a client writes nothing to its ring while a message it posted may be unread)."""
+        (a client writes nothing to its ring while a message it posted may be unread). A
+        message (a WAKE, say) makes the daemon poll the client's ring again."""
+        if peer.ring is not None and peer.id not in self._polled:
+            self._poll_ring(peer)
         sock, buf = peer.sock, self._buf
         for _ in range(_BATCH):
             try:
@@ -557,6 +595,7 @@ class Daemon:
         self._unwatch(peer.pidfd)
         if peer.ring is not None:
             self._ring_peers.pop(peer.id, None)
+            self._polled.pop(peer.id, None)
             peer.ring.close()
             peer.ring = None
         peer.sock.close()
@@ -768,6 +807,7 @@ class Daemon:
             os.close(fd)
             raise
         self._ring_peers[peer.id] = peer
+        self._poll_ring(peer)
         return Reply(fds=[fd])
 
     def _wake(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
@@ -821,6 +861,9 @@ _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _FAST_SIZE = wire.MAP_ONE.size
 _RING_PASSES = 8
 """While rings keep the loop busy, it looks at the sockets every this many passes."""
+_RING_IDLE = 0.01
+"""Seconds without requests after which a ring is no longer polled (its client then rings
+the doorbell: one message, instead of the loop's time for every ring of every client)."""
 _WAKE_REPLY = wire.REPLY.pack(wire.Op.WAKE, wire.STATUS_OK, 0)
 _FAST_OPS = frozenset((wire.Op.MAP, wire.Op.UNMAP))
 
