@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import multiprocessing
 import os
 import random
 import socket
 import threading
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
@@ -21,8 +23,10 @@ from support import data_pages, kernel_counts
 from devanon.broker import Client, connect
 from devanon.broker import protocol as wire
 from devanon.broker import ring as rings
+from devanon.broker.server import MAX_RINGS_PER_UID
 
 PS = os.sysconf("SC_PAGE_SIZE")
+FORK = multiprocessing.get_context("fork")
 
 pytestmark = pytest.mark.skipif(not rings.SUPPORTED, reason="rings are x86-64 only")
 
@@ -298,4 +302,57 @@ def test_an_idle_ring_is_no_longer_polled_and_its_doorbell_brings_it_back(
             thread.join(10)
         assert idle.verify("idle") == []
         other.close()
+        obj.close()
+
+
+def _rings_until_refused(conn: Connection, path: str) -> None:
+    """As nobody: connections that each ask for a ring, until one is refused; that one
+    still maps, through the socket."""
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    clients, refused = [], None
+    try:
+        while refused is None and len(clients) <= 300:
+            client = connect(path)
+            clients.append(client)
+            try:
+                _, fds = client.call(wire.Op.RING)
+            except OSError as e:
+                refused = (e.errno, str(e))
+            else:
+                for fd in fds:
+                    os.close(fd)
+        last = Client(path)  # asks for its own ring at its first map, is refused, goes on
+        obj = last.open("open-to-all", writable=False)
+        m = obj.map(0, PS, writable=False)
+        conn.send((len(clients) - 1, refused, last._ring is None, bytes(m.view()[:1])))
+        m.close()
+        obj.close()
+        last.close()
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_one_user_cannot_take_more_than_its_share_of_rings(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("open-to-all", PS, create=True, mode=0o644)
+        m = obj.map(0, PS)
+        m.view()[:1] = b"o"
+        ours, theirs = FORK.Pipe()
+        proc = FORK.Process(target=_rings_until_refused, args=(theirs, daemon.socket))
+        proc.start()
+        assert ours.poll(60), "the other uid's process said nothing"
+        granted, refused, fell_back, data = ours.recv()
+        proc.join(10)
+        assert granted == MAX_RINGS_PER_UID and refused is not None
+        assert refused[0] == errno.EDQUOT and str(MAX_RINGS_PER_UID) in refused[1]
+        assert fell_back and data == b"o"
+        assert wait_for(lambda: client.verify("open-to-all") == [])
+        with connect(daemon.socket) as root:  # root is not held
+            root.open("open-to-all").map(0, PS).close()
+            assert root._ring is not None
+        m.close()
         obj.close()

@@ -43,6 +43,8 @@ MAX_ERRORS = 16
 """Protocol errors a client may make before it is cut off."""
 MAX_SIZE = 1 << 46
 """The largest object (64 TiB): counts are sparse, but the memfd's size is a promise."""
+MAX_RINGS_PER_UID = 256
+"""Request rings one uid may hold (16 KiB of the daemon's memory each). Root is not held."""
 MAX_OBJECTS_PER_UID = 1024
 """Objects one uid may own (unlinked ones count while in use): each holds a descriptor of
 the daemon's, and one user must not use up the daemon for the others. Root is not held."""
@@ -800,6 +802,13 @@ class Daemon:
             raise OSError(errno.EOPNOTSUPP, "no request rings on this machine: use the socket")
         if peer.ring is not None:
             raise OSError(errno.EBUSY, "this connection has its ring already")
+        held = sum(1 for p in self._ring_peers.values() if p.uid == peer.uid)
+        if peer.uid != 0 and held >= MAX_RINGS_PER_UID:
+            raise OSError(
+                errno.EDQUOT,
+                f"uid {peer.uid} has {held} rings, the most the daemon gives one user "
+                f"({MAX_RINGS_PER_UID}): this connection uses the socket",
+            )
         fd = rings.create()
         try:
             peer.ring = rings.DaemonRing(fd)
