@@ -371,13 +371,21 @@ class Client:
                 return
             except OSError as e:
                 raise self._gone(e.strerror) from None
-            rfds = wire.descriptors(ancillary) if ancillary else []
-            if n < wire.REPLY.size:
-                for fd in rfds:
-                    os.close(fd)
-                raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
-            op, status, rseq = wire.REPLY.unpack_from(buf)
+            op, status, rseq, rfds = self._header(n, ancillary)
             self._keep(op, rseq, (status, bytes(buf[wire.REPLY.size : n]), rfds))
+
+    def _header(
+        self, n: int, ancillary: list[tuple[int, int, bytes]]
+    ) -> tuple[int, int, int, list[int]]:
+        """The ``n``-byte reply in the buffer: op, status, seq, and its descriptors; the
+        daemon gone (BrokerError) if it closed the connection or sent no whole header."""
+        rfds = wire.descriptors(ancillary) if ancillary else []
+        if n < wire.REPLY.size:
+            for fd in rfds:
+                os.close(fd)
+            raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
+        op, status, rseq = wire.REPLY.unpack_from(self._reply)
+        return op, status, rseq, rfds
 
     def _keep(self, op: int, rseq: int, reply: tuple[int, bytes, list[int]]) -> None:
         """A socket reply to a request other than the one being waited for."""
@@ -406,12 +414,7 @@ class Client:
             if got is None:
                 continue
             n, ancillary = got
-            rfds = wire.descriptors(ancillary) if ancillary else []
-            if n < wire.REPLY.size:
-                for fd in rfds:
-                    os.close(fd)
-                raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
-            op, status, rseq = wire.REPLY.unpack_from(buf)
+            op, status, rseq, rfds = self._header(n, ancillary)
             if rseq == seq:
                 self._ring_ok = True  # every request sent before this one is done
                 if status == wire.STATUS_OK:  # the common case, kept short
