@@ -711,6 +711,48 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
         obj.close()
 
 
+def _maps_under_a_signal_storm(conn: Connection, path: str, ring: bool, seconds: float) -> None:
+    """Map and unmap page 0 in a loop while an interval timer's handler maps and unmaps
+    page 1 (a signal handler may use the client anywhere in the middle of a call)."""
+    import time
+
+    client = Client(path, ring=ring)
+    obj = client.open("storm", 4 * PS, create=True)
+    obj.map(0, PS).close()
+    counts = [0, 0]
+
+    def handler(*_: object) -> None:
+        obj.map(PS, PS).close()
+        counts[1] += 1
+
+    signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, 0.0007, 0.0007)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        obj.map(0, PS).close()
+        counts[0] += 1
+    signal.setitimer(signal.ITIMER_REAL, 0, 0)
+    obj.flush()
+    conn.send((counts, client.verify("storm"), kernel_counts(obj.fd, [os.getpid()])))
+    obj.close()
+    client.close()
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+def test_maps_made_by_a_signal_handler_mid_call_lose_nothing(daemon: Served, ring: bool) -> None:
+    """Nested calls at every point of a map or unmap (an interval timer of 0.7 ms): no
+    request lost or served out of turn, no reply taken by the wrong waiter, no hang."""
+    proc, conn = worker(_maps_under_a_signal_storm, daemon.socket, ring, 4.0)
+    try:
+        assert conn.poll(60), "a map lost its reply, or a request was lost: the loop hung"
+        (made, nested), verify, kernel = conn.recv()
+    finally:
+        proc.kill()
+        proc.join(10)
+    assert made > 100 and nested > 100, (made, nested)
+    assert verify == [] and kernel == {}
+
+
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
 @pytest.mark.parametrize("nested", ["stat", "map"])
 def test_a_call_made_while_a_map_waits_does_not_steal_its_reply(

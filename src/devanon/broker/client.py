@@ -107,13 +107,18 @@ class Client:
         self._ring: rings.ClientRing | None = None
         """One-range MAPs and UNMAPs go here, once the daemon gave us one (Op.RING)."""
         self._ring_ok = True
-        """False from a request posted on the socket until the socket answers one: a ring
-        request written meanwhile could be served before it (the daemon serves the ring
-        first), and then the order of the two would be lost."""
+        """False from a request sent on the socket until the reply to the last one sent
+        there is read: a ring request written meanwhile could be served before it (the
+        daemon serves the ring first), and then the order of the two would be lost."""
+        self._socket_seq = 0
+        """The seq of the last request sent on the socket."""
         self._lock = threading.RLock()
         self._seq = 0
         self._late_errors: list[str] = []
-        self._reply = bytearray(wire.MAX_MESSAGE)
+        self._buffers = [bytearray(wire.MAX_MESSAGE)]
+        """Receive buffers. A wait takes one for itself: a call nested in it (a signal
+        handler's) reads the socket into another, so it cannot overwrite a reply that the
+        wait has received and not yet looked at."""
         self._pending: set[int] = set()
         """Requests whose replies someone waits for."""
         self._early: dict[int, tuple[int, bytes, list[int]]] = {}
@@ -143,7 +148,7 @@ class Client:
         if self._ring is not None:
             self._ring.close()
             self._ring = None
-        self._ring_ok = True
+        self._ring_ok, self._socket_seq = True, 0
 
     def _after_fork_in_child(self) -> None:
         """The socket is the parent's: drop our copy; the next call reconnects. The lock
@@ -169,14 +174,12 @@ class Client:
         """Send a request without waiting (errors come back with a later call)."""
         with self._lock:
             self._transmit(wire.request(op, self._next_seq(), body, flags), None)
-            self._ring_ok = False
 
     def map_one(self, handle: int, offset: int, length: int) -> None:
         """MAP one range and wait for the yes."""
         with self._lock:
             seq = self._next_seq()
-            via_ring = self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
-            self._pending.add(seq)
+            via_ring = self._send_map(seq, handle, offset, length)
             self._await(seq, via_ring)
 
     def post_unmap(self, handle: int, offset: int, length: int, *, wanted: bool = True) -> None:
@@ -184,8 +187,7 @@ class Client:
         not reported (``raise_late_errors``)."""
         with self._lock:
             seq = self._next_seq()
-            if not self._send_one(wire.Op.UNMAP, wire.FLAG_NOREPLY, seq, handle, offset, length):
-                self._ring_ok = False
+            self._send_one(wire.Op.UNMAP, wire.FLAG_NOREPLY, seq, handle, offset, length)
             if not wanted:
                 self._unwanted.add(seq)
 
@@ -207,8 +209,7 @@ class Client:
         """
         with self._lock:
             seq = self._next_seq()
-            via_ring = self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
-            self._pending.add(seq)
+            via_ring = self._send_map(seq, handle, offset, length)
             try:
                 address = mmap(length, prot, offset)
             except OSError:
@@ -248,10 +249,16 @@ class Client:
         if ring is None and self._ring_wanted:
             ring = self._open_ring()
         if ring is not None and self._ring_ok:
-            posted = ring.post(op, flags, seq, handle, offset, length)
-            if posted:
+            tail = ring.words[rings.REQ_TAIL]
+            try:
+                posted = ring.post(op, flags, seq, handle, offset, length)
                 if posted == rings.WAKE_DAEMON:
                     self._transmit(_WAKE, None)
+            except BaseException:
+                if op == wire.Op.MAP and ring.posted(seq, tail):  # the daemon will count it:
+                    self.post_unmap(handle, offset, length, wanted=False)  # give it back
+                raise
+            if posted:
                 return True
         self._transmit(wire.MAP_ONE.pack(op, flags, seq, handle, offset, length), None)
         return False
@@ -283,6 +290,9 @@ class Client:
         return self._ring
 
     def _transmit(self, message: bytes, fds: list[int] | None) -> None:
+        if message[0] != wire.Op.WAKE:
+            self._ring_ok = False  # until this request's reply (or a later one's) is read
+            self._socket_seq = wire.HEADER.unpack_from(message)[2]
         try:
             if fds:
                 socket.send_fds(self._sock, [message], fds)
@@ -292,9 +302,24 @@ class Client:
             raise self._gone(e.strerror) from None
 
     def _exchange(self, message: bytes, seq: int, fds: list[int] | None) -> tuple[bytes, list[int]]:
-        self._transmit(message, fds)
-        self._pending.add(seq)
+        self._pending.add(seq)  # before it is sent: see _send_map
+        try:
+            self._transmit(message, fds)
+        except BaseException:
+            self._pending.discard(seq)
+            raise
         return self._await(seq)
+
+    def _send_map(self, seq: int, handle: int, offset: int, length: int) -> bool:
+        """Send a one-range MAP whose reply will be awaited (``_send_one``). It is marked
+        awaited before it is sent: a call nested in ours (a signal handler's) that reads
+        its reply first then keeps it for us instead of dropping it."""
+        self._pending.add(seq)
+        try:
+            return self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
+        except BaseException:
+            self._pending.discard(seq)
+            raise
 
     def _await(self, seq: int, via_ring: bool = False) -> tuple[bytes, list[int]]:
         """The reply to request ``seq`` (from the ring if it went there). Replies come in
@@ -358,33 +383,41 @@ class Client:
     def _absorb(self, timeout: float) -> None:
         """Read what the socket holds, first waiting up to ``timeout`` seconds for it:
         WAKEs, refusals of posted requests, replies someone waits for (kept for them)."""
-        sock, buf = self._sock, self._reply
+        sock = self._sock
         if timeout:
             poller = select.poll()
             poller.register(sock, select.POLLIN)
             if not poller.poll(timeout * 1000):
                 return
-        while True:
-            try:
-                n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return
-            except OSError as e:
-                raise self._gone(e.strerror) from None
-            op, status, rseq, rfds = self._header(n, ancillary)
-            self._keep(op, rseq, (status, bytes(buf[wire.REPLY.size : n]), rfds))
+        buf = self._buffers.pop() if self._buffers else bytearray(wire.MAX_MESSAGE)
+        try:
+            while True:
+                try:
+                    n, ancillary, _, _ = sock.recvmsg_into(
+                        [buf], wire.ANCILLARY, socket.MSG_DONTWAIT
+                    )
+                except BlockingIOError:
+                    return
+                except OSError as e:
+                    raise self._gone(e.strerror) from None
+                op, status, rseq, rfds = self._header(buf, n, ancillary)
+                self._keep(op, rseq, (status, bytes(buf[wire.REPLY.size : n]), rfds))
+        finally:
+            self._buffers.append(buf)
 
     def _header(
-        self, n: int, ancillary: list[tuple[int, int, bytes]]
+        self, buf: bytearray, n: int, ancillary: list[tuple[int, int, bytes]]
     ) -> tuple[int, int, int, list[int]]:
-        """The ``n``-byte reply in the buffer: op, status, seq, and its descriptors; the
+        """The ``n``-byte reply in ``buf``: op, status, seq, and its descriptors; the
         daemon gone (BrokerError) if it closed the connection or sent no whole header."""
         rfds = wire.descriptors(ancillary) if ancillary else []
         if n < wire.REPLY.size:
             for fd in rfds:
                 os.close(fd)
             raise self._gone("it closed the connection" if n == 0 else f"{n}-byte reply")
-        op, status, rseq = wire.REPLY.unpack_from(self._reply)
+        op, status, rseq = wire.REPLY.unpack_from(buf)
+        if rseq == self._socket_seq:
+            self._ring_ok = True  # every request sent on the socket is done
         return op, status, rseq, rfds
 
     def _keep(self, op: int, rseq: int, reply: tuple[int, bytes, list[int]]) -> None:
@@ -400,7 +433,14 @@ class Client:
             self._late_errors.append(_error_text(reply[1]))  # a posted unmap refused
 
     def _reply_to(self, seq: int) -> tuple[bytes, list[int]]:
-        buf, spin = self._reply, True
+        buf = self._buffers.pop() if self._buffers else bytearray(wire.MAX_MESSAGE)
+        try:
+            return self._socket_reply_to(seq, buf)
+        finally:
+            self._buffers.append(buf)
+
+    def _socket_reply_to(self, seq: int, buf: bytearray) -> tuple[bytes, list[int]]:
+        spin = True
         while True:
             if self._early and seq in self._early:  # a call nested in ours (from a signal
                 early = self._early.pop(seq)  # handler) read our reply for us
@@ -414,9 +454,8 @@ class Client:
             if got is None:
                 continue
             n, ancillary = got
-            op, status, rseq, rfds = self._header(n, ancillary)
+            op, status, rseq, rfds = self._header(buf, n, ancillary)
             if rseq == seq:
-                self._ring_ok = True  # every request sent before this one is done
                 if status == wire.STATUS_OK:  # the common case, kept short
                     return (bytes(buf[wire.REPLY.size : n]) if n > wire.REPLY.size else b""), rfds
                 return _result(status, bytes(buf[wire.REPLY.size : n]), rfds)

@@ -29,12 +29,12 @@ indices are impossible is cut off.
 
 from __future__ import annotations
 
+import _thread
 import fcntl
 import mmap
 import os
 import platform
 import struct
-import threading
 
 from devanon.broker import protocol as wire
 
@@ -55,13 +55,17 @@ SIZE = 4 * mmap.PAGESIZE
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 """Whether this machine keeps the ordering the ring relies on (x86-64's)."""
 
-_fence_lock = threading.Lock()
+_new_lock = _thread.allocate_lock
 
 
 def fence() -> None:
-    """A full memory barrier: the lock's acquire and release are locked instructions."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    """A full memory barrier: a lock's acquire and release are locked instructions. A new
+    lock each time: a signal handler that fences while the code it interrupted was between
+    acquire and release would wait for itself on a shared one (and so would a child forked
+    by another thread meanwhile)."""
+    lock = _new_lock()
+    lock.acquire()
+    lock.release()
 
 
 FULL, POSTED, WAKE_DAEMON = 0, 1, 2
@@ -105,38 +109,65 @@ class _Shared:
 
 
 class ClientRing(_Shared):
-    """The client's side: post requests, take replies."""
+    """The client's side: post requests, take replies.
+
+    Not re-entrant, and a signal handler may call the client in the middle of any of these:
+    while one runs, ``busy`` is set, and a nested ``post`` answers ``FULL`` (so the nested
+    request goes on the socket, served after what the ring holds).
+    """
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.busy = False
 
     def post(self, op: int, flags: int, seq: int, handle: int, offset: int, length: int) -> int:
         """Write a request: ``FULL`` (send it on the socket instead), ``POSTED``, or
         ``WAKE_DAEMON`` (posted, but the daemon sleeps: send it an Op.WAKE)."""
         words = self.words
         tail = words[REQ_TAIL]
-        if tail - words[REQ_HEAD] >= SLOTS:
+        if self.busy or tail - words[REQ_HEAD] >= SLOTS:
             return FULL
-        REQUEST.pack_into(
-            self.requests, (tail % SLOTS) * REQUEST.size, op, flags, seq, handle, offset, length
-        )
-        words[REQ_TAIL] = tail + 1
-        _fence_lock.acquire()  # fence(), inline: this is the hot path
-        _fence_lock.release()
-        return WAKE_DAEMON if words[ASLEEP] else POSTED
+        self.busy = True
+        try:
+            REQUEST.pack_into(
+                self.requests, (tail % SLOTS) * REQUEST.size, op, flags, seq, handle, offset, length
+            )
+            words[REQ_TAIL] = tail + 1
+            lock = _new_lock()  # fence(), inline: this is the hot path
+            lock.acquire()
+            lock.release()
+            return WAKE_DAEMON if words[ASLEEP] else POSTED
+        finally:
+            self.busy = False
+
+    def posted(self, seq: int, tail: int) -> bool:
+        """Whether request ``seq`` went in at index ``tail`` (to tell, after an interrupt,
+        whether the daemon will see it)."""
+        words = self.words
+        if words[REQ_TAIL] <= tail:
+            return False
+        return bool(REQUEST.unpack_from(self.requests, (tail % SLOTS) * REQUEST.size)[2] == seq)
 
     def reply(self) -> tuple[int, int, int] | None:
         """The next reply ``(op, status, seq)``, or None."""
         words = self.words
         head = words[REP_HEAD]
         ready = words[REP_TAIL] - head
-        if not ready:
+        if not ready or self.busy:
             return None
         if not 0 < ready <= SLOTS:
             raise RingError(f"the daemon's reply index is {ready} ahead of ours")
-        reply = REPLY.unpack_from(self.replies, (head % SLOTS) * REPLY.size)
-        words[REP_HEAD] = head + 1
-        return reply
+        self.busy = True
+        try:
+            reply = REPLY.unpack_from(self.replies, (head % SLOTS) * REPLY.size)
+            words[REP_HEAD] = head + 1
+            return reply
+        finally:
+            self.busy = False
 
     def sleep(self, waiting: bool) -> bool:
-        """Say whether we sleep waiting for a reply; on True, whether one is there already."""
+        """Say whether we sleep waiting for a reply; on True, whether one may be there
+        already (look again rather than sleep)."""
         self.words[WAITING] = int(waiting)
         if not waiting:
             return False

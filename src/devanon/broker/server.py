@@ -595,15 +595,18 @@ class Daemon:
         peer.handles.clear()
         self._unwatch(peer.sock.fileno())
         self._unwatch(peer.pidfd)
+        self._drop_ring(peer)
+        peer.sock.close()
+        os.close(peer.pidfd)
+        self._forget_unused()
+        log.info("client %d (pid %d) gone; its counts dropped", peer.id, peer.pid)
+
+    def _drop_ring(self, peer: Peer) -> None:
         if peer.ring is not None:
             self._ring_peers.pop(peer.id, None)
             self._polled.pop(peer.id, None)
             peer.ring.close()
             peer.ring = None
-        peer.sock.close()
-        os.close(peer.pidfd)
-        self._forget_unused()
-        log.info("client %d (pid %d) gone; its counts dropped", peer.id, peer.pid)
 
     def _all_objects(self) -> list[SharedObject]:
         return [*self.objects.values(), *self.unlinked]
@@ -800,8 +803,8 @@ class Daemon:
             raise wire.ProtocolError(f"RING has no body, not {len(req.body)} bytes")
         if not rings.SUPPORTED:
             raise OSError(errno.EOPNOTSUPP, "no request rings on this machine: use the socket")
-        if peer.ring is not None:
-            raise OSError(errno.EBUSY, "this connection has its ring already")
+        if peer.ring is not None:  # asked again (its caller was interrupted, say): a new one
+            self._drop_ring(peer)  # (_receive served what the old one held)
         held = sum(1 for p in self._ring_peers.values() if p.uid == peer.uid)
         if peer.uid != 0 and held >= MAX_RINGS_PER_UID:
             raise OSError(
