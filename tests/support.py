@@ -29,6 +29,22 @@ def interrupt_after_next_mmap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_libc, "mmap", mmap_then_sigint)
 
 
+def interrupt_once(
+    monkeypatch: pytest.MonkeyPatch, owner: object, name: str, *, after_call: bool = False
+) -> None:
+    """Make the next call of ``owner.name`` raise KeyboardInterrupt (after doing its work,
+    with ``after_call``), as a Ctrl-C there would; later calls are the real ones again."""
+    real = getattr(owner, name)
+
+    def interrupted(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(owner, name, real)
+        if after_call:
+            real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
 def unmap_every_mapping_of(st: os.stat_result) -> None:
     """munmap what this process maps of the file ``st`` (a mapping lost by a test)."""
     from devanon import _libc

@@ -22,7 +22,12 @@ from typing import Any
 
 import pytest
 from broker_daemon import Served, start_daemon, wait_for
-from support import interrupt_after_next_mmap, kernel_counts, unmap_every_mapping_of
+from support import (
+    interrupt_after_next_mmap,
+    interrupt_once,
+    kernel_counts,
+    unmap_every_mapping_of,
+)
 
 from devanon.broker import BrokerError, Client, connect
 from devanon.broker import protocol as wire
@@ -683,14 +688,7 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
         obj = client.open("interrupted", 4 * PS, create=True)
         obj.map(0, PS).close()  # the ring, if any, is set up
         assert (client._ring is not None) == ring
-        wait = "_ring_reply_to" if ring else "_receive"
-        real_wait = getattr(client, wait)
-
-        def interrupted(*args: Any) -> Any:
-            monkeypatch.setattr(client, wait, real_wait)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(client, wait, interrupted)
+        interrupt_once(monkeypatch, client, "_ring_reply_to" if ring else "_receive")
         with pytest.raises(KeyboardInterrupt):
             obj.map(0, PS)
         assert not client._lock._is_owned()  # type: ignore[attr-defined]

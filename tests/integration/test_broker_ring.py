@@ -19,7 +19,7 @@ import pytest
 from broker_daemon import Served, start_daemon, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support import data_pages, kernel_counts
+from support import data_pages, interrupt_once, kernel_counts
 
 from devanon.broker import Client, connect
 from devanon.broker import protocol as wire
@@ -428,16 +428,9 @@ def test_a_map_interrupted_just_after_it_went_into_the_ring_is_given_back(
     with connect(daemon.socket) as client:
         obj = client.open("given-back", 4 * PS, create=True)
         obj.map(0, PS).close()  # the ring is set up
-        ring = client._ring
-        assert ring is not None
-        real_post = ring.post
-
-        def post_then_interrupt(*args: int) -> int:
-            real_post(*args)  # the MAP is in the ring: the daemon will count it
-            monkeypatch.setattr(ring, "post", real_post)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(ring, "post", post_then_interrupt)
+        assert client._ring is not None
+        # the MAP goes into the ring (the daemon will count it), then Ctrl-C
+        interrupt_once(monkeypatch, client._ring, "post", after_call=True)
         with pytest.raises(KeyboardInterrupt):
             obj.map(PS, PS)
         obj.flush()
@@ -455,13 +448,7 @@ def test_a_client_interrupted_while_asking_for_its_ring_asks_again(
 ) -> None:
     with connect(daemon.socket) as client:
         obj = client.open("asked", 4 * PS, create=True)
-        real_await = client._await
-
-        def interrupted(seq: int, via_ring: bool = False) -> tuple[bytes, list[int]]:
-            monkeypatch.setattr(client, "_await", real_await)
-            raise KeyboardInterrupt
-
-        monkeypatch.setattr(client, "_await", interrupted)
+        interrupt_once(monkeypatch, client, "_await")
         with pytest.raises(KeyboardInterrupt):
             obj.map(0, PS)  # interrupted while the RING reply is awaited
         for _ in range(3):
