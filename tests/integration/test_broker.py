@@ -718,10 +718,17 @@ def _maps_under_a_signal_storm(conn: Connection, path: str, ring: bool, seconds:
     obj = client.open("storm", 4 * PS, create=True)
     obj.map(0, PS).close()
     counts = [0, 0]
+    inside = [False]
 
     def handler(*_: object) -> None:
-        obj.map(PS, PS).close()
-        counts[1] += 1
+        if inside[0]:  # the timer fired again inside the handler: skip (no recursion)
+            return
+        inside[0] = True
+        try:
+            obj.map(PS, PS).close()
+            counts[1] += 1
+        finally:
+            inside[0] = False
 
     signal.signal(signal.SIGALRM, handler)
     signal.setitimer(signal.ITIMER_REAL, 0.0007, 0.0007)
