@@ -21,7 +21,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from devanon import _libc, forking
 from devanon.broker import protocol as wire
@@ -44,6 +44,7 @@ _ON_SOCKET: tuple[int, bytes, list[int]] = (wire.STATUS_ERROR, b"", [])
 """An early reply from the ring saying that the request was refused: the refusal itself
 (with its text) is on the socket."""
 _WAKE = wire.request(wire.Op.WAKE, 0)
+_T = TypeVar("_T")
 
 
 class BrokerError(ConnectionError):
@@ -302,21 +303,22 @@ class Client:
             raise self._gone(e.strerror) from None
 
     def _exchange(self, message: bytes, seq: int, fds: list[int] | None) -> tuple[bytes, list[int]]:
-        self._pending.add(seq)  # before it is sent: see _send_map
-        try:
-            self._transmit(message, fds)
-        except BaseException:
-            self._pending.discard(seq)
-            raise
+        self._awaiting(seq, lambda: self._transmit(message, fds))
         return self._await(seq)
 
     def _send_map(self, seq: int, handle: int, offset: int, length: int) -> bool:
-        """Send a one-range MAP whose reply will be awaited (``_send_one``). It is marked
-        awaited before it is sent: a call nested in ours (a signal handler's) that reads
-        its reply first then keeps it for us instead of dropping it."""
+        """Send a one-range MAP whose reply will be awaited (``_send_one``)."""
+        return self._awaiting(
+            seq, lambda: self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
+        )
+
+    def _awaiting(self, seq: int, send: Callable[[], _T]) -> _T:
+        """``send()`` request ``seq``, marked awaited before it is sent: a call nested in
+        ours (a signal handler's) that reads its reply first then keeps it for us instead
+        of dropping it."""
         self._pending.add(seq)
         try:
-            return self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
+            return send()
         except BaseException:
             self._pending.discard(seq)
             raise
@@ -384,11 +386,8 @@ class Client:
         """Read what the socket holds, first waiting up to ``timeout`` seconds for it:
         WAKEs, refusals of posted requests, replies someone waits for (kept for them)."""
         sock = self._sock
-        if timeout:
-            poller = select.poll()
-            poller.register(sock, select.POLLIN)
-            if not poller.poll(timeout * 1000):
-                return
+        if timeout and not self._readable(timeout):
+            return
         buf = self._buffers.pop() if self._buffers else bytearray(wire.MAX_MESSAGE)
         try:
             while True:
@@ -477,15 +476,20 @@ class Client:
                 if time.perf_counter() > deadline:
                     break
                 os.sched_yield()  # let the daemon have this CPU if it is waiting for one
-        poller = select.poll()  # not a blocking recv: the caller looks at _early between
-        poller.register(sock, select.POLLIN)
-        if not poller.poll(_WAIT * 1000):
+        # Not a blocking recv: the caller looks at _early between waits.
+        if not self._readable(_WAIT):
             return None
         try:
             n, ancillary, _, _ = sock.recvmsg_into([buf], wire.ANCILLARY, socket.MSG_DONTWAIT)
         except BlockingIOError:
             return None
         return n, ancillary
+
+    def _readable(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for the socket to have something to read."""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
 
     def raise_late_errors(self) -> None:
         """Raise what the daemon said of earlier pipelined unmaps, if it refused any."""

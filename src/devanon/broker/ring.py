@@ -55,15 +55,13 @@ SIZE = 4 * mmap.PAGESIZE
 SUPPORTED = platform.machine() in ("x86_64", "AMD64")
 """Whether this machine keeps the ordering the ring relies on (x86-64's)."""
 
-_new_lock = _thread.allocate_lock
-
 
 def fence() -> None:
     """A full memory barrier: a lock's acquire and release are locked instructions. A new
     lock each time: a signal handler that fences while the code it interrupted was between
     acquire and release would wait for itself on a shared one (and so would a child forked
     by another thread meanwhile)."""
-    lock = _new_lock()
+    lock = _thread.allocate_lock()
     lock.acquire()
     lock.release()
 
@@ -133,9 +131,7 @@ class ClientRing(_Shared):
                 self.requests, (tail % SLOTS) * REQUEST.size, op, flags, seq, handle, offset, length
             )
             words[REQ_TAIL] = tail + 1
-            lock = _new_lock()  # fence(), inline: this is the hot path
-            lock.acquire()
-            lock.release()
+            fence()
             return WAKE_DAEMON if words[ASLEEP] else POSTED
         finally:
             self.busy = False

@@ -27,7 +27,7 @@ import stat
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -236,9 +236,8 @@ class Daemon:
             return []  # requests came meanwhile
         events = self._epoll.poll(1.0)
         if not events:
-            for peer in self._ring_peers.values():
-                if peer.ring is not None and peer.ring.pending():
-                    self._poll_ring(peer)
+            for peer in _with_requests(self._ring_peers.values()):
+                self._poll_ring(peer)
         return events
 
     def _poll_ring(self, peer: Peer) -> None:
@@ -257,12 +256,10 @@ class Daemon:
             peer.ring.sleep(True)
             del self._polled[peer.id]
         rings.fence()
-        quiet = True
-        for peer in peers:
-            if peer.ring is not None and peer.ring.pending():
-                self._poll_ring(peer)
-                quiet = False
-        return quiet
+        ready = _with_requests(peers)
+        for peer in ready:
+            self._poll_ring(peer)
+        return not ready
 
     def _stop_polling_idle(self, now: float) -> None:
         """Stop polling the rings unused for ``_RING_IDLE`` seconds: polling costs the
@@ -273,21 +270,23 @@ class Daemon:
 
     def _serve_rings(self) -> bool:
         """Serve every polled ring with requests in it; False if none had any."""
-        ready = [p for p in self._polled.values() if p.ring is not None and p.ring.pending()]
+        ready = _with_requests(self._polled.values())
         if not ready:
             return False
-        now = time.monotonic()
         with self.state_lock:
-            for peer in ready:
-                peer.ring_used = now
-                if peer.ring is not None:
-                    self._run(peer.sock.fileno(), partial(self._serve_ring, peer))
+            self._serve_each(ready)
         return True
 
     def _drain_rings(self) -> None:
         """Serve what every ring holds (before a figure over all clients: the lock is held)."""
-        for peer in list(self._ring_peers.values()):
-            if peer.ring is not None and peer.ring.pending():
+        self._serve_each(_with_requests(self._ring_peers.values()))
+
+    def _serve_each(self, peers: list[Peer]) -> None:
+        """Serve these peers' rings (the lock is held), each under ``_run``'s safety net."""
+        now = time.monotonic()
+        for peer in peers:
+            if peer.ring is not None:  # not cut off meanwhile
+                peer.ring_used = now
                 self._run(peer.sock.fileno(), partial(self._serve_ring, peer))
 
     def _serve_ring(self, peer: Peer) -> None:
@@ -845,6 +844,11 @@ class Daemon:
 
 SO_PEERPIDFD = 77
 """getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
+
+
+def _with_requests(peers: Iterable[Peer]) -> list[Peer]:
+    """Those of ``peers`` whose rings hold requests not yet taken."""
+    return [p for p in peers if p.ring is not None and p.ring.pending()]
 
 
 def _peer_pidfd(sock: socket.socket, pid: int) -> int:
