@@ -2,33 +2,40 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
 import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
 class Served:
-    """A running daemon: its socket and process."""
+    """A running daemon: its socket and process. A thread reads what it logs as it comes:
+    a daemon whose log pipe is full blocks in its logging, and every client with it."""
 
     socket: str
     process: subprocess.Popen[str]
+    _log: list[str] = field(default_factory=list)
+    _log_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._drain, name="daemon-log", daemon=True).start()
+
+    def _drain(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._log_lock:
+                self._log.append(line)
 
     def read_log(self) -> str:
-        """What the daemon logged since the last call (its stdout pipe is non-blocking;
-        reading it also keeps the daemon from ever blocking on a full pipe)."""
-        assert self.process.stdout is not None
-        chunks = []
-        with contextlib.suppress(BlockingIOError):
-            while chunk := os.read(self.process.stdout.fileno(), 1 << 16):
-                chunks.append(chunk)
-        return b"".join(chunks).decode("utf-8", "replace")
+        """What the daemon logged since the last call."""
+        with self._log_lock:
+            text, self._log[:] = "".join(self._log), []
+        return text
 
     def stop(self) -> int:
         """SIGTERM; returns the exit code (the test fails if it hangs)."""
@@ -51,7 +58,6 @@ def start_daemon(socket: str, *extra: str) -> Served:
         if ready:
             line = process.stdout.readline()
             if "listening on" in line:
-                os.set_blocking(process.stdout.fileno(), False)
                 return Served(socket, process)
             if not line and process.poll() is not None:
                 break

@@ -1006,21 +1006,36 @@ def test_a_call_from_a_signal_handler_does_not_leave_the_waiting_call_hung(
         b.close()
 
 
-def test_a_stat_too_big_for_one_message_says_so(daemon: Served) -> None:
-    """Listing more objects than one reply holds is refused with EMSGSIZE, by name of the
-    remedy, and the connection goes on (it used to come back as cut-off JSON)."""
+def test_stat_lists_more_objects_than_one_message_holds_in_pages(daemon: Served) -> None:
+    """``stat()`` of all objects comes in pages by name, so no number of objects is too
+    many; each object comes once, in order, as the daemon shows it alone. Asked in one
+    message (no FLAG_AFTER), the list is refused with EMSGSIZE, by name of the remedy, and
+    the connection goes on (it used to come back as cut-off JSON). ``devanon stat --json``
+    lists them all."""
     with connect(daemon.socket) as client:
-        made = []
-        while len(json.dumps(client.stat(made[0]) if made else [])) * len(made) < 2 * (
+        made: list[str] = []
+        while len(json.dumps(client.stat(made[0]) if made else [])) * len(made) < 3 * (
             wire.MAX_MESSAGE
         ):
-            name = f"many-{len(made):04d}"
+            name = f"many-{len(made):04d}-" + "x" * 200  # long names: fewer objects to make
             client.open(name, PS, create=True).close()
             made.append(name)
         with pytest.raises(OSError, match="ask for one object by name") as refused:
-            client.stat()
+            client.call(wire.Op.STAT)
         assert refused.value.errno == errno.EMSGSIZE
-        assert client.stat(made[-1])[0]["name"] == made[-1]
+        client.open("a-first", PS, create=True).close()  # made last, listed first
+        made.append("a-first")
+        listed = client.stat()
+        assert [o["name"] for o in listed] == sorted(made)
+        assert listed[-1] == client.stat(listed[-1]["name"])[0]
+        out = subprocess.run(
+            [sys.executable, "-m", "devanon.cli", "stat", "--socket", daemon.socket, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert [o["name"] for o in json.loads(out.stdout)] == sorted(made)
         for name in made:
             client.unlink(name)
         assert client.stat() == []

@@ -164,12 +164,12 @@ class Client:
     # -- requests --------------------------------------------------------------------------
 
     def call(
-        self, op: wire.Op, body: bytes = b"", fds: list[int] | None = None
+        self, op: wire.Op, body: bytes = b"", fds: list[int] | None = None, flags: int = 0
     ) -> tuple[bytes, list[int]]:
         """Send a request and wait for its reply; returns the body and any descriptors."""
         with self._lock:
             seq = self._next_seq()
-            return self._exchange(wire.request(op, seq, body), seq, fds)
+            return self._exchange(wire.request(op, seq, body, flags), seq, fds)
 
     def post(self, op: wire.Op, body: bytes, flags: int) -> None:
         """Send a request without waiting (errors come back with a later call)."""
@@ -534,10 +534,21 @@ class Client:
         self.call(wire.Op.UNLINK, _name(name))
 
     def stat(self, name: str | None = None) -> list[dict[str, Any]]:
-        """The objects this peer may see (or one), as the daemon counts them."""
-        body, _ = self.call(wire.Op.STAT, _name(name) if name else b"")
-        result: list[dict[str, Any]] = json.loads(body)
-        return result
+        """The objects this peer may see (or one), as the daemon counts them; all of them
+        come in pages, by name, so the list may be longer than one message holds."""
+        if name:
+            body, _ = self.call(wire.Op.STAT, _name(name))
+            one: list[dict[str, Any]] = json.loads(body)
+            return one
+        result: list[dict[str, Any]] = []
+        after = ""
+        while True:
+            body, _ = self.call(wire.Op.STAT, after.encode(), flags=wire.FLAG_AFTER)
+            page: list[dict[str, Any]] = json.loads(body)
+            if not page or page[0]["name"] <= after:  # the end (a guard: names only go up)
+                return result
+            result += page
+            after = page[-1]["name"]
 
     def verify(self, name: str) -> list[dict[str, int]]:
         """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences."""

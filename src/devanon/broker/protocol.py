@@ -38,6 +38,9 @@ OPEN_CREATE = 1
 OPEN_WRITABLE = 2
 FLAG_NOREPLY = 1
 """On UNMAP: reply only if it fails (unmaps may be pipelined)."""
+FLAG_AFTER = 2
+"""On STAT: list a page, the objects whose names sort after the body's (from the first if
+it is empty), as many as one reply holds; an empty page ends the listing."""
 
 STATUS_OK = 0
 STATUS_ERROR = 1

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 from devanon.broker import protocol as wire
 from devanon.broker import ring as rings
@@ -715,28 +716,52 @@ class Daemon:
 
     def _stat(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         self._drain_rings()
+        if req.flags & wire.FLAG_AFTER:
+            return self._stat_page(peer, wire.name_of(req.body) if req.body else "")
         name = wire.name_of(req.body) if req.body else None
         if name is not None and (
             name not in self.objects or not self.objects[name].allows(peer.uid, peer.gids, READ)
         ):
             raise no_such(name)
         shown = [self.objects[name]] if name else list(self.objects.values())
-        out = []
-        for obj in shown:
-            if not obj.allows(peer.uid, peer.gids, READ):
-                continue  # a peer sees only what it may read
-            info = obj.describe()
-            info["clients"] = [
-                {
-                    "pid": self.peers[cid].pid,
-                    "uid": self.peers[cid].uid,
-                    "mapped_bytes": obj.mapped_by(cid),
-                }
-                for cid in sorted(set(obj.handles) | set(obj.holders))
-                if cid in self.peers
-            ]
-            out.append(info)
+        # a peer sees only what it may read
+        out = [self._describe(obj) for obj in shown if obj.allows(peer.uid, peer.gids, READ)]
         return Reply(json.dumps(out).encode())
+
+    def _stat_page(self, peer: Peer, after: str) -> Reply:
+        """The objects ``peer`` may read whose names sort after ``after`` (code points, as
+        UTF-8 bytes sort), as many as one reply holds: the listing goes on like readdir,
+        so an object made or unlinked meanwhile may or may not be in it."""
+        names = sorted(
+            name
+            for name, obj in self.objects.items()
+            if name > after and obj.allows(peer.uid, peer.gids, READ)
+        )
+        room = wire.MAX_MESSAGE - wire.REPLY.size - 2  # the list's brackets
+        parts: list[str] = []
+        for name in names:
+            part = json.dumps(self._describe(self.objects[name]))
+            room -= len(part.encode()) + 1  # and a comma
+            if room < 0:
+                if not parts:
+                    raise OSError(errno.EMSGSIZE, f"{name!r} alone is over what one message holds")
+                break
+            parts.append(part)
+        return Reply(f"[{','.join(parts)}]".encode())
+
+    def _describe(self, obj: SharedObject) -> dict[str, Any]:
+        """What STAT shows of an object: its figures and each client's mapped bytes."""
+        info = obj.describe()
+        info["clients"] = [
+            {
+                "pid": self.peers[cid].pid,
+                "uid": self.peers[cid].uid,
+                "mapped_bytes": obj.mapped_by(cid),
+            }
+            for cid in sorted(set(obj.handles) | set(obj.holders))
+            if cid in self.peers
+        ]
+        return info
 
     def _verify(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         self._drain_rings()
