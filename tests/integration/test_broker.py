@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import multiprocessing
 import os
@@ -245,6 +246,40 @@ def test_daemon_restart_gives_clients_a_clear_error_and_no_hang(socket_dir: Path
     finally:
         assert served.stop() == 0
     del m
+
+
+def test_a_log_nobody_reads_does_not_stop_the_daemon(socket_dir: Path) -> None:
+    """The daemon's log goes to a pipe that is not read (its room cut to one page): the
+    daemon serves on, and every line comes out once the pipe is read again."""
+    path = str(socket_dir / "unread-log.sock")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "devanon.cli", "serve", "--socket", path],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdout is not None
+    try:
+        fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PS)
+        assert b"listening on" in process.stdout.readline()
+        made: list[str] = []
+
+        def make_many() -> None:
+            with connect(path) as client:
+                for i in range(200):  # a line each, ~100 bytes: 20 KiB of log
+                    client.open(f"logged-{i:03d}", PS, create=True).close()
+                    made.append(f"logged-{i:03d}")
+
+        maker = threading.Thread(target=make_many)
+        maker.start()
+        maker.join(timeout=30)
+        assert not maker.is_alive(), f"the daemon stopped after {len(made)} objects"
+        assert len(made) == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out = process.stdout.read().decode()  # lets a blocked log writer go on, to the end
+        code = process.wait(timeout=10)
+    assert code == 0 and out.endswith("devanon serve: stopped\n"), out[-500:]
+    assert all(f"created 'logged-{i:03d}'" in out for i in range(200))
 
 
 def test_a_live_daemon_is_not_replaced_and_a_stale_socket_is(socket_dir: Path) -> None:

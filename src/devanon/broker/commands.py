@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
+import queue
 import sys
 from typing import Any
 
@@ -47,8 +49,49 @@ def add_commands(commands: Any) -> None:
     stat.set_defaults(run=_stat)
 
 
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Hands log records to the writer thread; drops (and counts) those it has no room
+    for, rather than wait."""
+
+    dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+_LOG_BACKLOG = 10_000
+"""Log records the daemon keeps while its log is not read, before it drops them."""
+
+
+def _log_off_the_loop() -> tuple[logging.handlers.QueueListener, _DroppingQueueHandler]:
+    """Log through a thread: a daemon that wrote its log itself would stop serving every
+    client while nobody read the log (a full pipe blocks the write)."""
+    backlog: queue.Queue[logging.LogRecord] = queue.Queue(_LOG_BACKLOG)
+    writer = logging.StreamHandler(sys.stderr)
+    writer.setFormatter(logging.Formatter("devanon serve: %(message)s"))
+    handler = _DroppingQueueHandler(backlog)
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    listener = logging.handlers.QueueListener(backlog, writer)
+    listener.start()
+    return listener, handler
+
+
 def _serve(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="devanon serve: %(message)s")
+    listener, handler = _log_off_the_loop()
+    try:
+        code = _run_daemon(args)
+    finally:
+        listener.stop()  # writes what is queued
+        if handler.dropped:
+            print(f"devanon serve: {handler.dropped} log lines dropped: the log was not read")
+    print("devanon serve: stopped", flush=True)
+    return code
+
+
+def _run_daemon(args: argparse.Namespace) -> int:
     path = args.socket or default_socket_path()
     daemon = Daemon(
         path,
@@ -63,7 +106,6 @@ def _serve(args: argparse.Namespace) -> int:
         export(daemon, port=args.metrics_port, textfile=args.metrics_textfile)
     print(f"devanon serve: listening on {path} (mode {args.socket_mode:04o})", flush=True)
     daemon.serve_forever()
-    print("devanon serve: stopped", flush=True)
     return 0
 
 
