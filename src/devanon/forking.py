@@ -53,8 +53,10 @@ class Forkable(Protocol):
         """In the parent, after fork (or a failed one): pin what the child inherited, if not
         pinned already; owns ``lifeline``."""
 
-    def _fork_child(self) -> None:
-        """In the child, after fork: drop what the child did not inherit."""
+    def _fork_child(self, pinned: bool) -> None:
+        """In the child, after fork: drop what the child did not inherit; if its pages
+        could not be pinned (``pinned`` False), drop the inherited mappings too (nobody
+        counts them: the parent could free their pages under the child)."""
 
 
 @dataclass(slots=True)
@@ -157,7 +159,7 @@ def _before() -> None:
             if not obj.closed:
                 try:
                     lifeline, keeper = os.pipe2(os.O_CLOEXEC)
-                except OSError as e:  # EMFILE: the child's copies go unpinned
+                except OSError as e:  # EMFILE: the child gets no copies (_fork_child)
                     log.warning("no lifeline for %r across fork: %s", obj, e)
                     lifeline = -1
                 else:
@@ -208,7 +210,8 @@ def _after_in_child() -> None:
             if pipe is not None:
                 os.close(pipe[0])
                 _lifelines.append(pipe[1])
-                obj._fork_child()
+            if not obj.closed:
+                obj._fork_child(pinned=pipe is not None)
         except Exception:
             log.exception("after fork, in the child: %r", obj)
         finally:

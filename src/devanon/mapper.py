@@ -666,13 +666,14 @@ class Mapper(ABC):
             if s.owner.inherit and s.overlay is None and s.counted
         ]
 
-    def _drop_uninherited(self) -> list[PageRange]:
-        """In a child: forget the mappings MADV_DONTFORK kept from it; returns their pages.
+    def _drop_uninherited(self, everything: bool = False) -> list[PageRange]:
+        """In a child: forget the mappings MADV_DONTFORK kept from it (``everything``: and
+        unmap the inherited ones too); returns their pages.
 
         Their views, copied with the heap, would point at nothing: quarantine them.
         """
         lost: list[PageRange] = []
-        for seg in [s for s in self._segments if not s.owner.inherit]:
+        for seg in [s for s in self._segments if everything or not s.owner.inherit]:
             if not seg.owner._retire(seg.start, seg.stop - seg.start) and not seg.forkmark:
                 with contextlib.suppress(OSError):  # MADV_DONTFORK failed: unmap our copy
                     _libc.munmap(seg.start, seg.stop - seg.start)

@@ -455,6 +455,45 @@ def test_forked_children_inherit_only_what_is_registered(daemon: Served) -> None
         obj.close()
 
 
+def test_a_fork_whose_pin_is_refused_leaves_the_child_no_copies(
+    daemon: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon refuses the PIN (here: ENOMEM, as past its pin limit): the child drops
+    its inherited copies (the kernel shows it none), so the parent's unmap, which punches,
+    takes nothing from under a live mapping."""
+    with connect(daemon.socket) as client:
+        obj = client.open("unpinned", 4 * PS, create=True)
+        kept = obj.map(0, 4 * PS, inherit=True)
+        kept.view()[:] = b"k" * 4 * PS
+        call = client.call
+
+        def refuse_pins(op: wire.Op, *args: Any, **kwargs: Any) -> tuple[bytes, list[int]]:
+            if op == wire.Op.PIN:
+                raise OSError(errno.ENOMEM, "pin refused for the test")
+            return call(op, *args, **kwargs)
+
+        monkeypatch.setattr(client, "call", refuse_pins)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(r)
+                none = kernel_counts(obj.fd, [os.getpid()]) == {} and kept.closed
+                os.write(w, b"1" if none else b"0")
+                code = 0
+            finally:
+                os._exit(code)
+        monkeypatch.undo()
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert obj.map_count(0) == 1  # ours: no pin
+        kept.close()
+        assert obj.resident_bytes() == 0 and client.verify("unpinned") == []
+        obj.close()
+
+
 def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
     path = str(socket_dir / "m.sock")
     textfile = socket_dir / "devanon.prom"

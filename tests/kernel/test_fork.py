@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import oracle
@@ -86,6 +87,38 @@ def test_an_inherited_mapping_outlives_the_parents_unmap() -> None:
         assert mem.map_count(0) == 0
         assert mem.resident_bytes() == 0
         assert oracle.data_pages(mem.fd, mem.size, PS) == set()
+
+
+def test_a_child_whose_pages_cannot_be_pinned_gets_no_copies(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No lifeline pipe at fork (EMFILE): the parent cannot pin the inherited pages, so
+    the child drops its copies (views quarantined) and is a child all the same (it may not
+    map): otherwise the parent's unmap would punch the pages under it."""
+    with devanon.Anon(8 * PS) as mem:
+        m = mem.map(0, 8 * PS, inherit=True)
+        m.view()[:] = b"i" * 8 * PS
+        view = m.view()
+
+        def no_pipe(flags: int) -> tuple[int, int]:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(os, "pipe2", no_pipe)
+
+        def child() -> int:
+            assert oracle.maps_counts(mem.fd, PS) == {}  # the kernel's view: no copy
+            assert mem.stats().mappings == 0 and m.closed
+            assert bytes(view[:4]) == bytes(4)  # quarantined, no crash
+            with pytest.raises(ValueError, match="forked"):
+                mem.map(0, PS)
+            return 0
+
+        assert run_child(child) == 0
+        monkeypatch.undo()
+        view.release()
+        assert mem.map_count(0) == 1  # ours alone: no pin
+        m.close()
+        assert mem.resident_bytes() == 0
 
 
 def test_pages_a_child_wrote_after_the_parent_let_go_are_swept_after_it_exits() -> None:

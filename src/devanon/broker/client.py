@@ -632,6 +632,8 @@ class SharedAnon(Mapper):
         self._writable_fd = writable
         self._handle = handle
         self._generation = client.generation
+        self._pin_failed = False
+        """Set by a fork whose PIN the daemon did not make: the child drops its copies."""
         self._init_books()
         forking.track(self)
 
@@ -778,6 +780,7 @@ class SharedAnon(Mapper):
         the fork fail, this process closes the write end and the pin goes at once.
         """
         super()._prepare_fork(lifeline)
+        self._pin_failed = False
         try:
             pins = self._inherited_pages()
             if pins and lifeline < 0:
@@ -785,15 +788,17 @@ class SharedAnon(Mapper):
             for body in self._range_bodies(pins):
                 self.client.call(wire.Op.PIN, body, [lifeline])
         except BaseException as e:  # nothing may leave a fork hook half done (an interrupt
-            # is lost here); the daemon is gone, or refused: the child's copies go uncounted
-            log.warning("could not pin %r for a forked child: %r", self.name, e)
+            # is lost here); the daemon is gone, or refused: the child gets no copies
+            log.warning("could not pin %r for a forked child (it gets no copies): %r", self.name, e)
+            self._pin_failed = True
 
     def _forked(self, lifeline: int) -> None:
         """In the parent: pinned before the fork already."""
         os.close(lifeline)
 
-    def _fork_child(self) -> None:
-        """In the child: inherited pieces are the pin's (uncounted here); the rest is gone."""
-        self._drop_uninherited()
+    def _fork_child(self, pinned: bool) -> None:
+        """In the child: inherited pieces are the pin's (uncounted here); the rest is gone,
+        and all of them if the pin could not be made."""
+        self._drop_uninherited(everything=self._pin_failed or not pinned)
         for seg in self._segments:
             seg.counted = False
