@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 import pytest
 
@@ -100,3 +101,15 @@ def kernel_counts(fd: int, pids: list[int]) -> dict[int, int]:
                 for page in range(first, first + (hi - lo) // page_size):
                     counts[page] = counts.get(page, 0) + 1
     return counts
+
+
+def run_child(body: Callable[[], int]) -> int:
+    """Fork, run ``body()`` in the child (its return value is the exit code), wait."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = body()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])

@@ -27,6 +27,7 @@ from support import (
     interrupt_after_next_mmap,
     interrupt_once,
     kernel_counts,
+    run_child,
     unmap_every_mapping_of,
 )
 
@@ -473,21 +474,11 @@ def test_a_fork_whose_pin_is_refused_leaves_the_child_no_copies(
             return call(op, *args, **kwargs)
 
         monkeypatch.setattr(client, "call", refuse_pins)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                none = kernel_counts(obj.fd, [os.getpid()]) == {} and kept.closed
-                os.write(w, b"1" if none else b"0")
-                code = 0
-            finally:
-                os._exit(code)
+        copies = run_child(  # the kernel's view of the child: no mapping of the object
+            lambda: int(kernel_counts(obj.fd, [os.getpid()]) != {} or not kept.closed)
+        )
         monkeypatch.undo()
-        os.close(w)
-        assert os.read(r, 1) == b"1"
-        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert copies == 0
         assert obj.map_count(0) == 1  # ours: no pin
         kept.close()
         assert obj.resident_bytes() == 0 and client.verify("unpinned") == []

@@ -7,22 +7,11 @@ import os
 
 import oracle
 import pytest
+from support import run_child
 
 import devanon
 
 PS = devanon.PAGE_SIZE
-
-
-def run_child(body: object) -> int:
-    """Fork, run ``body()`` in the child (its return value is the exit code), wait."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            code = body()  # type: ignore[operator]
-        finally:
-            os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 def test_mappings_are_not_inherited_by_default() -> None:
