@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -31,7 +32,7 @@ from support import (
     unmap_every_mapping_of,
 )
 
-from devanon.broker import BrokerError, Client, connect
+from devanon.broker import BrokerError, Client, connect, daemon_log
 from devanon.broker import protocol as wire
 
 PS = os.sysconf("SC_PAGE_SIZE")
@@ -249,23 +250,38 @@ def test_daemon_restart_gives_clients_a_clear_error_and_no_hang(socket_dir: Path
     del m
 
 
+class UnreadLog:
+    """``devanon serve`` whose log goes to a pipe nobody reads (its room cut to one page)
+    until ``stop``: SIGTERM, then everything it wrote, and its exit code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "devanon.cli", "serve", "--socket", path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        assert self.process.stdout is not None
+        fcntl.fcntl(self.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PS)
+        assert b"listening on" in self.process.stdout.readline()
+
+    def stop(self, unread_for: float = 0.0) -> tuple[str, int]:
+        assert self.process.stdout is not None
+        self.process.send_signal(signal.SIGTERM)
+        time.sleep(unread_for)  # the daemon stops while its log is still not read
+        out = self.process.stdout.read().decode()  # lets a blocked log writer go on
+        return out, self.process.wait(timeout=20)
+
+
 def test_a_log_nobody_reads_does_not_stop_the_daemon(socket_dir: Path) -> None:
-    """The daemon's log goes to a pipe that is not read (its room cut to one page): the
-    daemon serves on, and every line comes out once the pipe is read again."""
-    path = str(socket_dir / "unread-log.sock")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "devanon.cli", "serve", "--socket", path],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    assert process.stdout is not None
+    """The daemon serves on while its log is not read, and every line comes out, as before
+    (``devanon serve: `` and the message), once it is read again."""
+    daemon = UnreadLog(str(socket_dir / "unread-log.sock"))
+    made: list[str] = []
     try:
-        fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, PS)
-        assert b"listening on" in process.stdout.readline()
-        made: list[str] = []
 
         def make_many() -> None:
-            with connect(path) as client:
+            with connect(daemon.path) as client:
                 for i in range(200):  # a line each, ~100 bytes: 20 KiB of log
                     client.open(f"logged-{i:03d}", PS, create=True).close()
                     made.append(f"logged-{i:03d}")
@@ -274,13 +290,31 @@ def test_a_log_nobody_reads_does_not_stop_the_daemon(socket_dir: Path) -> None:
         maker.start()
         maker.join(timeout=30)
         assert not maker.is_alive(), f"the daemon stopped after {len(made)} objects"
-        assert len(made) == 200
     finally:
-        process.send_signal(signal.SIGTERM)
-        out = process.stdout.read().decode()  # lets a blocked log writer go on, to the end
-        code = process.wait(timeout=10)
+        out, code = daemon.stop()
+    assert len(made) == 200
     assert code == 0 and out.endswith("devanon serve: stopped\n"), out[-500:]
-    assert all(f"created 'logged-{i:03d}'" in out for i in range(200))
+    lines = out.splitlines()
+    for i in range(200):
+        assert f"devanon serve: client 1 created 'logged-{i:03d}' (4096 bytes, mode 0600)" in lines
+
+
+def test_a_log_backlog_past_its_room_drops_lines_and_the_daemon_still_stops(
+    socket_dir: Path,
+) -> None:
+    """Past the backlog the daemon drops log lines, says how many, and stops cleanly."""
+    daemon = UnreadLog(str(socket_dir / "flooded-log.sock"))
+    try:
+        for _ in range(daemon_log.BACKLOG // 2 + 1000):  # two lines a connection
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+                probe.connect(daemon.path)
+        with connect(daemon.path) as client:  # served all along
+            assert client.stat() == []
+    finally:
+        out, code = daemon.stop(unread_for=1.0)
+    assert code == 0 and out.endswith("devanon serve: stopped\n"), out[-500:]
+    dropped = [line for line in out.splitlines() if "log lines dropped" in line]
+    assert len(dropped) == 1 and int(dropped[0].split()[2]) > 0, out[-500:]
 
 
 def test_a_live_daemon_is_not_replaced_and_a_stale_socket_is(socket_dir: Path) -> None:

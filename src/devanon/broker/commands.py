@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import logging.handlers
-import queue
 import sys
 from typing import Any
 
@@ -14,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from devanon.broker.client import connect
+from devanon.broker.daemon_log import logging_off_the_loop
 from devanon.broker.server import Daemon, default_socket_path
 from devanon.sizes import format_size
 
@@ -49,44 +47,9 @@ def add_commands(commands: Any) -> None:
     stat.set_defaults(run=_stat)
 
 
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Hands log records to the writer thread; drops (and counts) those it has no room
-    for, rather than wait."""
-
-    dropped = 0
-
-    def enqueue(self, record: logging.LogRecord) -> None:
-        try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self.dropped += 1
-
-
-_LOG_BACKLOG = 10_000
-"""Log records the daemon keeps while its log is not read, before it drops them."""
-
-
-def _log_off_the_loop() -> tuple[logging.handlers.QueueListener, _DroppingQueueHandler]:
-    """Log through a thread: a daemon that wrote its log itself would stop serving every
-    client while nobody read the log (a full pipe blocks the write)."""
-    backlog: queue.Queue[logging.LogRecord] = queue.Queue(_LOG_BACKLOG)
-    writer = logging.StreamHandler(sys.stderr)
-    writer.setFormatter(logging.Formatter("devanon serve: %(message)s"))
-    handler = _DroppingQueueHandler(backlog)
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
-    listener = logging.handlers.QueueListener(backlog, writer)
-    listener.start()
-    return listener, handler
-
-
 def _serve(args: argparse.Namespace) -> int:
-    listener, handler = _log_off_the_loop()
-    try:
+    with logging_off_the_loop(sys.stderr, "devanon serve: "):
         code = _run_daemon(args)
-    finally:
-        listener.stop()  # writes what is queued
-        if handler.dropped:
-            print(f"devanon serve: {handler.dropped} log lines dropped: the log was not read")
     print("devanon serve: stopped", flush=True)
     return code
 
