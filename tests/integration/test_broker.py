@@ -1138,3 +1138,33 @@ def test_stat_lists_more_objects_than_one_message_holds_in_pages(daemon: Served)
         for name in made:
             client.unlink(name)
         assert client.stat() == []
+
+
+def test_an_object_with_more_clients_than_a_message_holds_is_listed_with_some(
+    daemon: Served,
+) -> None:
+    """An object opened by so many connections that its STAT entry would be over a message
+    is shown with the clients that fit and ``clients_omitted``, by name and in the pages,
+    and the objects after it are listed too."""
+    many = 1500  # ~45 bytes of JSON a client: over 64 KiB
+    with connect(daemon.socket) as client:
+        client.open("crowded", PS, create=True, mode=0o644).close()
+        client.open("quiet", PS, create=True).close()
+        holders = [_raw(daemon.socket) for _ in range(many)]
+        try:
+            for sock in holders:  # each connection holds the object open
+                _reply(sock, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"crowded"))
+            (alone,) = client.stat("crowded")
+            listed = client.stat()
+        finally:
+            for sock in holders:
+                sock.close()
+        assert [o["name"] for o in listed] == ["crowded", "quiet"]
+        for shown in (alone, listed[0]):
+            assert len(json.dumps(shown)) <= wire.MAX_MESSAGE
+            assert 1000 < len(shown["clients"]) < many
+            assert len(shown["clients"]) + shown["clients_omitted"] == many
+        assert "clients_omitted" not in listed[1]
+        assert wait_for(lambda: client.stat("crowded")[0]["clients"] == [])
+        client.unlink("crowded")
+        client.unlink("quiet")

@@ -94,11 +94,10 @@ def _stat(args: argparse.Namespace) -> int:
                     for k in ("size", "mapped_bytes", "resident_bytes", "freed_bytes")
                 ),
             ]
-            row += [
-                ", ".join(f"{c['pid']}: {format_size(c['mapped_bytes'])}" for c in obj["clients"])
-                or "-",
-                obj["mode"],
-            ]
+            clients = [f"{c['pid']}: {format_size(c['mapped_bytes'])}" for c in obj["clients"]]
+            if obj.get("clients_omitted"):
+                clients.append(f"{obj['clients_omitted']} more")
+            row += [", ".join(clients) or "-", obj["mode"]]
             if args.verify:
                 row.append(
                     "ok" if not obj["differences"] else f"{len(obj['differences'])} differences"

@@ -718,15 +718,14 @@ class Daemon:
         self._drain_rings()
         if req.flags & wire.FLAG_AFTER:
             return self._stat_page(peer, wire.name_of(req.body) if req.body else "")
-        name = wire.name_of(req.body) if req.body else None
-        if name is not None and (
-            name not in self.objects or not self.objects[name].allows(peer.uid, peer.gids, READ)
-        ):
-            raise no_such(name)
-        shown = [self.objects[name]] if name else list(self.objects.values())
-        # a peer sees only what it may read
-        out = [self._describe(obj) for obj in shown if obj.allows(peer.uid, peer.gids, READ)]
-        return Reply(json.dumps(out).encode())
+        if req.body:
+            name = wire.name_of(req.body)
+            obj = self.objects.get(name)
+            if obj is None or not obj.allows(peer.uid, peer.gids, READ):
+                raise no_such(name)
+            return Reply(f"[{self._described_within(obj, _STAT_ROOM)}]".encode())
+        readable = [o for o in self.objects.values() if o.allows(peer.uid, peer.gids, READ)]
+        return Reply(json.dumps([self._describe(o) for o in readable]).encode())
 
     def _stat_page(self, peer: Peer, after: str) -> Reply:
         """The objects ``peer`` may read whose names sort after ``after`` (code points, as
@@ -737,17 +736,34 @@ class Daemon:
             for name, obj in self.objects.items()
             if name > after and obj.allows(peer.uid, peer.gids, READ)
         )
-        room = wire.MAX_MESSAGE - wire.REPLY.size - 2  # the list's brackets
+        room = _STAT_ROOM
         parts: list[str] = []
         for name in names:
-            part = json.dumps(self._describe(self.objects[name]))
-            room -= len(part.encode()) + 1  # and a comma
+            part = self._described_within(self.objects[name], _STAT_ROOM)  # fits a page
+            room -= len(part) + bool(parts)  # and a comma
             if room < 0:
-                if not parts:
-                    raise OSError(errno.EMSGSIZE, f"{name!r} alone is over what one message holds")
-                break
+                break  # the next page begins with it
             parts.append(part)
         return Reply(f"[{','.join(parts)}]".encode())
+
+    def _described_within(self, obj: SharedObject, room: int) -> str:
+        """``obj``'s STAT entry as JSON of at most ``room`` bytes: if its list of clients is
+        too long for that, as many as fit, and ``clients_omitted``: how many were left out."""
+        info = self._describe(obj)
+        text = json.dumps(info)
+        if len(text) <= room:
+            return text
+        clients = info["clients"]
+        fits, too_many = 0, len(clients)  # the most clients that fit: bisect
+        while too_many - fits > 1:
+            mid = (fits + too_many) // 2
+            cut = {**info, "clients": clients[:mid], "clients_omitted": len(clients) - mid}
+            if len(json.dumps(cut)) <= room:
+                fits = mid
+            else:
+                too_many = mid
+        cut = {**info, "clients": clients[:fits], "clients_omitted": len(clients) - fits}
+        return json.dumps(cut)
 
     def _describe(self, obj: SharedObject) -> dict[str, Any]:
         """What STAT shows of an object: its figures and each client's mapped bytes."""
@@ -906,6 +922,8 @@ _RING_IDLE = 0.01
 """Seconds without requests after which a ring is no longer polled (its client then rings
 the doorbell: one message, instead of the loop's time for every ring of every client)."""
 _WAKE_REPLY = wire.REPLY.pack(wire.Op.WAKE, wire.STATUS_OK, 0)
+_STAT_ROOM = wire.MAX_MESSAGE - wire.REPLY.size - 2
+"""Bytes of JSON objects one STAT reply holds (within the list's brackets)."""
 _FAST_OPS = frozenset((wire.Op.MAP, wire.Op.UNMAP))
 
 
