@@ -291,9 +291,10 @@ class Anon(Mapper):
             self._counts.add(first, last)
         self._fork.children.append(_forking.Child(lifeline, pins))
 
-    def _fork_child(self, pinned: bool) -> None:
+    def _fork_child(self, pinned: bool) -> bool:
         """In the child: forget the mappings the child did not inherit (never punching);
         all of them if the parent could not pin the inherited ones (no lifeline pipe)."""
         self._fork.close()  # the parent's other children are not ours to wait for
         self._fork.is_child = True
         self._lose(self._drop_uninherited(everything=not pinned))
+        return pinned

@@ -13,6 +13,8 @@ child's exit could free pages its parent still used. Here:
   file with SEEK_DATA: the child may have written anywhere it was allowed to); a broker
   object hands the read end to the daemon, which does the same. MADV_DONTFORK is applied
   just before fork (``Mapper._prepare_fork``), not at every map.
+- A child whose pages could not be pinned (no pipe, a PIN the daemon refused, a fork
+  nested in another fork's hooks by a signal handler) gets no copies: it unmaps them.
 - A child of an ``Anon`` never punches, and may not map pages of it either: it cannot
   know what its parent (or a sibling) maps, nor tell them what it maps. It uses and unmaps
   what it inherited. Processes that share memory as equals use the broker, which counts
@@ -53,10 +55,12 @@ class Forkable(Protocol):
         """In the parent, after fork (or a failed one): pin what the child inherited, if not
         pinned already; owns ``lifeline``."""
 
-    def _fork_child(self, pinned: bool) -> None:
+    def _fork_child(self, pinned: bool) -> bool:
         """In the child, after fork: drop what the child did not inherit; if its pages
         could not be pinned (``pinned`` False), drop the inherited mappings too (nobody
-        counts them: the parent could free their pages under the child)."""
+        counts them: the parent could free their pages under the child). Returns whether
+        the child keeps a pin (else its lifeline is closed at once: what was pinned, if
+        anything, is let go)."""
 
 
 @dataclass(slots=True)
@@ -202,24 +206,44 @@ def _after_in_parent() -> None:
 
 def _after_in_child() -> None:
     global _track_lock, _track_cond, _fork_lock, _owner, _forker, _depth
+    if _owner == threading.get_ident() and _depth > 1:
+        _nested_child()
     if not _done_forking():
         return
     while _held:
         obj, pipe = _held.pop()
+        pinned = False
         try:
             if pipe is not None:
                 os.close(pipe[0])
-                _lifelines.append(pipe[1])
             if not obj.closed:
-                obj._fork_child(pinned=pipe is not None)
+                pinned = obj._fork_child(pinned=pipe is not None)
         except Exception:
+            pinned = pipe is not None  # keep what may be pinned: the safe side
             log.exception("after fork, in the child: %r", obj)
         finally:
+            if pipe is not None:
+                if pinned:
+                    _lifelines.append(pipe[1])
+                else:
+                    os.close(pipe[1])  # a pin made in part goes now, not at our exit
             obj._lock.release()
     _track_lock = threading.RLock()  # another thread may have held these at fork
     _track_cond = threading.Condition(_track_lock)
     _fork_lock = threading.Lock()
     _owner, _forker, _depth = None, None, 0
+
+
+def _nested_child() -> None:
+    """In a child forked by a signal handler while another fork's hooks ran: nothing was
+    pinned for it, so every object drops its copies and knows it is a child (it would
+    otherwise punch what its parent maps). Only this thread is left: no lock is taken."""
+    for obj in list(_live):
+        try:
+            if not obj.closed:
+                obj._fork_child(pinned=False)
+        except Exception:
+            log.exception("after a nested fork, in the child: %r", obj)
 
 
 os.register_at_fork(

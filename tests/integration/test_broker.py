@@ -519,6 +519,50 @@ def test_a_fork_whose_pin_is_refused_leaves_the_child_no_copies(
         obj.close()
 
 
+def test_a_fork_whose_second_pin_is_refused_lets_the_first_go_at_once(
+    daemon: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pins go in messages of ``MAX_RANGES`` ranges. When a later one is refused, the
+    child (which drops its copies) closes its lifeline at once: what the first message
+    pinned goes back while the child lives, not at its exit."""
+    n = wire.MAX_RANGES + 5
+    with connect(daemon.socket) as client:
+        obj = client.open("half-pinned", n * PS, create=True)
+        kept = [obj.map(i * PS, PS, inherit=True) for i in range(n)]  # a range each
+        for m in kept:
+            m.view()[:1] = b"x"
+        call, pins = client.call, [0]
+
+        def refuse_the_second_pin(
+            op: wire.Op, *args: Any, **kwargs: Any
+        ) -> tuple[bytes, list[int]]:
+            if op == wire.Op.PIN:
+                pins[0] += 1
+                if pins[0] == 2:
+                    raise OSError(errno.ENOMEM, "pin refused for the test")
+            return call(op, *args, **kwargs)
+
+        monkeypatch.setattr(client, "call", refuse_the_second_pin)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(w)
+            os.read(r, 1)  # alive until the parent has looked
+            os._exit(0 if all(m.closed for m in kept) else 1)
+        monkeypatch.undo()
+        os.close(r)
+        try:
+            assert pins[0] == 2
+            for m in kept:
+                m.close()
+            assert wait_for(lambda: obj.resident_bytes() == 0)  # the child still lives
+            assert obj.map_count(0) == 0
+        finally:
+            os.close(w)
+            assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        obj.close()
+
+
 def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
     path = str(socket_dir / "m.sock")
     textfile = socket_dir / "devanon.prom"

@@ -224,6 +224,58 @@ print("no hang", victim.closed)
 """
 
 
+_NESTED_FORK = """
+import os, signal
+import devanon
+PS = devanon.PAGE_SIZE
+mem = devanon.Anon(4 * PS)
+m = mem.map(0, 4 * PS, inherit=True)
+m.view()[:] = b"p" * 4 * PS
+r, w = os.pipe()
+
+def handler(*_):
+    pid = os.fork()  # nested in the outer fork's hooks: nothing is pinned for this child
+    if pid == 0:
+        maps = open("/proc/self/maps").read()
+        ok = mem._fork.is_child and m.closed and f" {os.fstat(mem.fd).st_ino} " not in maps
+        if not m.closed:
+            m.close()  # as a child may: it must never punch its parent's pages
+        os.write(w, b"1" if ok else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+signal.signal(signal.SIGUSR1, handler)
+prepare = mem._prepare_fork
+
+def prepare_and_get_a_signal(lifeline):
+    prepare(lifeline)
+    signal.raise_signal(signal.SIGUSR1)
+
+mem._prepare_fork = prepare_and_get_a_signal
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+child_ok = os.read(r, 1) == b"1"
+intact = bytes(m.view()) == b"p" * 4 * PS and mem.resident_bytes() == 4 * PS
+print("no hang", child_ok, intact)
+"""
+
+
+def test_a_fork_nested_in_another_forks_hooks_leaves_its_child_nothing() -> None:
+    """A signal handler that forks while another fork's hooks run: nothing was pinned for
+    its child, which therefore drops its copies (the kernel shows it none) and is a child:
+    its unmap cannot punch the parent's pages."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _NESTED_FORK], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["no", "hang", "True", "True"], done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("script", [_CONCURRENT_FORKS, _CLOSE_DURING_FORK])
 def test_forks_from_several_threads_or_a_signal_handler_do_not_hang(script: str) -> None:
     """Two threads forking at once (the hooks take one fork at a time), and a signal

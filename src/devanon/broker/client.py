@@ -796,9 +796,11 @@ class SharedAnon(Mapper):
         """In the parent: pinned before the fork already."""
         os.close(lifeline)
 
-    def _fork_child(self, pinned: bool) -> None:
+    def _fork_child(self, pinned: bool) -> bool:
         """In the child: inherited pieces are the pin's (uncounted here); the rest is gone,
         and all of them if the pin could not be made."""
-        self._drop_uninherited(everything=self._pin_failed or not pinned)
+        kept = pinned and not self._pin_failed
+        self._drop_uninherited(everything=not kept)
         for seg in self._segments:
             seg.counted = False
+        return kept
