@@ -117,8 +117,10 @@ _track_lock = threading.RLock()
 """Held only while the set changes or is read (reentrant: a signal handler may close an
 object while its thread reads the set)."""
 _track_cond = threading.Condition(_track_lock)
-_fork_lock = threading.Lock()
-"""One fork at a time: the hooks of two threads forking at once would share ``_held``."""
+_fork_lock = threading.RLock()
+"""One fork at a time: the hooks of two threads forking at once would share ``_held``.
+Reentrant: a signal handler that forks just after ``_before`` took it, before it could say
+so in ``_owner``, makes a whole fork of its own then (rather than wait for itself)."""
 _owner: int | None = None
 """The thread that holds ``_fork_lock`` (its hooks, and nobody else's, do the work)."""
 _forker: int | None = None
@@ -230,7 +232,7 @@ def _after_in_child() -> None:
             obj._lock.release()
     _track_lock = threading.RLock()  # another thread may have held these at fork
     _track_cond = threading.Condition(_track_lock)
-    _fork_lock = threading.Lock()
+    _fork_lock = threading.RLock()
     _owner, _forker, _depth = None, None, 0
 
 

@@ -674,6 +674,9 @@ class Mapper(ABC):
         """
         lost: list[PageRange] = []
         for seg in [s for s in self._segments if everything or not s.owner.inherit]:
+            k = bisect_left(self._starts, seg.start)
+            if k == len(self._segments) or self._segments[k] is not seg:
+                continue  # forgotten meanwhile (by a nested fork's child, running this too)
             if not seg.owner._retire(seg.start, seg.stop - seg.start) and not seg.forkmark:
                 with contextlib.suppress(OSError):  # MADV_DONTFORK failed: unmap our copy
                     _libc.munmap(seg.start, seg.stop - seg.start)

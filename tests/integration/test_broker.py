@@ -272,6 +272,15 @@ class UnreadLog:
         out = self.process.stdout.read().decode()  # lets a blocked log writer go on
         return out, self.process.wait(timeout=20)
 
+    def stop_unread(self) -> int:
+        """SIGTERM, and the exit code, the log never read."""
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=daemon_log.FLUSH_TIMEOUT + 10)
+        finally:
+            self.process.kill()
+            self.process.wait()
+
 
 def test_a_log_nobody_reads_does_not_stop_the_daemon(socket_dir: Path) -> None:
     """The daemon serves on while its log is not read, and every line comes out, as before
@@ -297,6 +306,16 @@ def test_a_log_nobody_reads_does_not_stop_the_daemon(socket_dir: Path) -> None:
     lines = out.splitlines()
     for i in range(200):
         assert f"devanon serve: client 1 created 'logged-{i:03d}' (4096 bytes, mode 0600)" in lines
+
+
+def test_a_daemon_whose_log_is_never_read_stops_on_sigterm(socket_dir: Path) -> None:
+    """At the end the log's writer gets a few seconds; a log nobody reads cannot keep the
+    daemon from exiting (logging's own exit hook used to wait for the blocked writer)."""
+    daemon = UnreadLog(str(socket_dir / "never-read.sock"))
+    for _ in range(300):  # two lines a connection: more than the pipe holds
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            probe.connect(daemon.path)
+    assert daemon.stop_unread() == 0
 
 
 def test_a_log_backlog_past_its_room_drops_lines_and_the_daemon_still_stops(
@@ -1200,6 +1219,9 @@ def test_an_object_with_more_clients_than_a_message_holds_is_listed_with_some(
                 _reply(sock, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"crowded"))
             (alone,) = client.stat("crowded")
             listed = client.stat()
+            with client.open("crowded") as crowded:  # one client more
+                stats = crowded.stats()
+            assert len(stats.clients) + stats.clients_omitted == many + 1
         finally:
             for sock in holders:
                 sock.close()

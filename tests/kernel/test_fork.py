@@ -262,6 +262,110 @@ print("no hang", child_ok, intact)
 """
 
 
+_FORK_RIGHT_AFTER_THE_FORK_LOCK = """
+import os, signal
+import devanon
+from devanon import forking
+mem = devanon.Anon(devanon.PAGE_SIZE)
+mem.map(0, devanon.PAGE_SIZE)
+
+def handler(*_):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+
+class SignalledRightAfter:
+    \"\"\"The fork lock, with a signal arriving just as acquire() returns.\"\"\"
+    def __init__(self, lock):
+        self.lock, self.fired = lock, False
+    def acquire(self, *args):
+        got = self.lock.acquire(*args)
+        if not self.fired:
+            self.fired = True
+            signal.raise_signal(signal.SIGUSR1)  # its handler runs here, and forks
+        return got
+    def release(self):
+        self.lock.release()
+
+signal.signal(signal.SIGUSR1, handler)
+forking._fork_lock = SignalledRightAfter(forking._fork_lock)
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print("no hang")
+"""
+
+_NESTED_FORK_IN_THE_CHILDS_HOOK = """
+import os, signal
+import devanon
+PS = devanon.PAGE_SIZE
+a = devanon.Anon(8 * PS)
+keep = a.map(0, 2 * PS, inherit=True)
+gone = [a.map(2 * PS + i * PS, PS) for i in range(3)]  # not inherited: any child drops them
+r, w = os.pipe()
+
+def handler(*_):
+    if os.fork() == 0:
+        return  # the grandchild goes on with its parent's interrupted hook
+    os.wait()
+
+signal.signal(signal.SIGUSR1, handler)
+forget, top, fired = a._forget, os.getpid(), []
+
+def forget_and_get_a_signal(pieces):
+    out = forget(pieces)
+    if os.getpid() != top and not fired:  # in the child, half way through its hook
+        fired.append(1)
+        signal.raise_signal(signal.SIGUSR1)
+    return out
+
+a._forget = forget_and_get_a_signal
+if os.fork() == 0:
+    books = (len(a._segments), a._nmappings, keep._pieces, [g._pieces for g in gone])
+    os.write(w, f"{books}\\n".encode())
+    os._exit(0)
+os.wait()
+os.close(w)
+print(sorted(os.read(r, 1000).decode().split("\\n")))
+"""
+
+
+def test_a_fork_right_after_another_took_the_fork_lock_does_not_hang() -> None:
+    """A signal handler that forks just after the outer fork took the fork lock (before it
+    could note it was the owner) makes a whole fork of its own rather than wait for
+    itself."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _FORK_RIGHT_AFTER_THE_FORK_LOCK],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and done.stdout == "no hang\n", done.stdout + done.stderr
+
+
+def test_a_fork_nested_in_the_childs_own_hook_keeps_both_books_right() -> None:
+    """A fork nested in the child's after-fork hook, half way through dropping what the
+    child did not inherit: the grandchild drops everything once (no segment forgotten
+    twice), the child keeps exactly the inherited mapping."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _NESTED_FORK_IN_THE_CHILDS_HOOK],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and "Error" not in done.stderr, done.stderr
+    grandchild, child = "(0, 0, 0, [0, 0, 0])", "(1, 1, 1, [0, 0, 0])"
+    assert done.stdout.strip() == str(sorted(["", grandchild, child])), done.stdout
+
+
 def test_a_fork_nested_in_another_forks_hooks_leaves_its_child_nothing() -> None:
     """A signal handler that forks while another fork's hooks run: nothing was pinned for
     its child, which therefore drops its copies (the kernel shows it none) and is a child:

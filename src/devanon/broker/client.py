@@ -66,6 +66,8 @@ class SharedStats:
     count_bytes: int
     clients: list[dict[str, int]]
     """One entry per client holding counts: pid, uid, mapped_bytes."""
+    clients_omitted: int = 0
+    """Clients left out of ``clients``: more than one reply of the daemon holds."""
 
 
 def _result(status: int, body: bytes, fds: list[int]) -> tuple[bytes, list[int]]:
@@ -670,10 +672,8 @@ class SharedAnon(Mapper):
             self._check_open()
             self._before_op()
             (info,) = self.client.stat(self.name)
-            return SharedStats(
-                **{k: info[k] for k in SharedStats.__dataclass_fields__ if k != "clients"},
-                clients=info["clients"],
-            )
+            fields = SharedStats.__dataclass_fields__
+            return SharedStats(**{k: v for k, v in info.items() if k in fields})
 
     def close(self) -> None:
         """Unmap everything, tell the daemon we let go, close the descriptor."""

@@ -48,9 +48,9 @@ def add_commands(commands: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    with logging_off_the_loop(sys.stderr, "devanon serve: "):
+    with logging_off_the_loop(sys.stderr.fileno(), "devanon serve: ") as last_line:
         code = _run_daemon(args)
-    print("devanon serve: stopped", flush=True)
+        last_line("stopped")
     return code
 
 
