@@ -871,6 +871,29 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
         obj.close()
 
 
+@pytest.mark.parametrize("sent", [True, False], ids=["sent", "not-sent"])
+def test_a_map_interrupted_as_it_goes_on_the_socket_leaves_no_count(
+    daemon: Served, monkeypatch: pytest.MonkeyPatch, sent: bool
+) -> None:
+    """Ctrl-C as a MAP goes on the socket: the client cannot tell whether it went out. If
+    it did, the daemon's yes, when it comes, is given back; if not, nothing is (a later
+    MAP of the same page keeps its count)."""
+    with Client(daemon.socket, ring=False) as client:
+        obj = client.open("sent-or-not", 4 * PS, create=True)
+        interrupt_once(monkeypatch, client, "_transmit", after_call=sent)
+        with pytest.raises(KeyboardInterrupt):
+            obj.map(0, PS)
+        assert not client._lock._is_owned()  # type: ignore[attr-defined]
+        assert wait_for(lambda: obj.map_count(0) == 0)
+        assert client._give_back == {}  # answered, or passed by a later reply
+        keep = obj.map(0, PS)
+        obj.flush()
+        assert obj.map_count(0) == 1 and client.verify("sent-or-not") == []
+        assert kernel_counts(obj.fd, [os.getpid()]) == {0: 1}
+        keep.close()
+        obj.close()
+
+
 def _maps_under_a_signal_storm(conn: Connection, path: str, ring: bool, seconds: float) -> None:
     """Map and unmap page 0 in a loop while an interval timer's handler maps and unmaps
     page 1 (a signal handler may use the client anywhere in the middle of a call)."""

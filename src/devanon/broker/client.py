@@ -128,6 +128,9 @@ class Client:
         """Replies read while waiting for another: ``(status, body, descriptors)``."""
         self._unwanted: set[int] = set()
         """Posted requests whose refusal nobody needs to hear of."""
+        self._give_back: dict[int, tuple[int, int, int]] = {}
+        """MAPs interrupted as they went on the socket, which may or may not have gone
+        out: ``seq -> (handle, offset, length)``. A yes to one is given back (UNMAP)."""
         self.generation = 0
         """Bumped on every (re)connection: handles belong to one connection."""
         self._sock = self._connect()
@@ -159,6 +162,7 @@ class Client:
         self._lock = threading.RLock()
         self._late_errors = []
         self._pending, self._early, self._unwanted = set(), {}, set()
+        self._give_back = {}
         self._sock.close()
         self._drop_ring()  # the parent's: ours comes with our own connection
         self._pid = -1
@@ -263,7 +267,14 @@ class Client:
                 raise
             if posted:
                 return True
-        self._transmit(wire.MAP_ONE.pack(op, flags, seq, handle, offset, length), None)
+        try:
+            self._transmit(wire.MAP_ONE.pack(op, flags, seq, handle, offset, length), None)
+        except BrokerError:
+            raise
+        except BaseException:
+            if op == wire.Op.MAP:  # interrupted: it may have gone out, and nobody will map
+                self._give_back[seq] = (handle, offset, length)  # it: see _keep
+            raise
         return False
 
     def _open_ring(self) -> rings.ClientRing | None:
@@ -419,6 +430,11 @@ class Client:
         op, status, rseq = wire.REPLY.unpack_from(buf)
         if rseq == self._socket_seq:
             self._ring_ok = True  # every request sent on the socket is done
+        if self._give_back and op != wire.Op.WAKE:
+            # Socket replies come in order: an interrupted MAP before this one that has
+            # had no answer never went out.
+            for old in [s for s in self._give_back if 0 < (rseq - s) % (1 << 32) < 1 << 31]:
+                del self._give_back[old]
         return op, status, rseq, rfds
 
     def _keep(self, op: int, rseq: int, reply: tuple[int, bytes, list[int]]) -> None:
@@ -430,6 +446,11 @@ class Client:
             return
         for fd in reply[2]:
             os.close(fd)
+        back = self._give_back.pop(rseq, None)
+        if back is not None:  # a MAP interrupted as it was sent: it went out
+            if reply[0] == wire.STATUS_OK:
+                self.post_unmap(*back, wanted=False)
+            return
         if reply[0] != wire.STATUS_OK and not _take(self._unwanted, rseq):
             self._late_errors.append(_error_text(reply[1]))  # a posted unmap refused
 
