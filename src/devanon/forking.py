@@ -27,6 +27,7 @@ is done (its mapping would reach the child uncounted).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -228,7 +229,8 @@ def _after_in_child() -> None:
                 if pinned:
                     _lifelines.append(pipe[1])
                 else:
-                    os.close(pipe[1])  # a pin made in part goes now, not at our exit
+                    with contextlib.suppress(OSError):  # what was pinned goes now
+                        os.close(pipe[1])
             obj._lock.release()
     _track_lock = threading.RLock()  # another thread may have held these at fork
     _track_cond = threading.Condition(_track_lock)
