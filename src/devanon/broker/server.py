@@ -524,10 +524,15 @@ class Daemon:
             self._send(peer, wire.error(req.op, req.seq, *err))
             if peer.errors > MAX_ERRORS:
                 self._disconnect(peer)
-        elif wire.REPLY.size + len(reply.body) > wire.MAX_MESSAGE:  # STAT, VERIFY
+        elif wire.REPLY.size + len(reply.body) > wire.MAX_MESSAGE:  # STAT of all, VERIFY
+            remedy = (
+                "ask for one object by name, or list them in pages (FLAG_AFTER)"
+                if req.op == wire.Op.STAT
+                else "too many differences to list"
+            )
             text = (
                 f"the reply would be {len(reply.body)} bytes, over the {wire.MAX_MESSAGE} a "
-                "message holds: ask for one object by name"
+                f"message holds: {remedy}"
             )
             self._send(peer, wire.error(req.op, req.seq, errno.EMSGSIZE, text))
         elif not (
@@ -754,16 +759,18 @@ class Daemon:
         if len(text) <= room:
             return text
         clients = info["clients"]
+
+        def cut(k: int) -> str:
+            return json.dumps({**info, "clients": clients[:k], "clients_omitted": len(clients) - k})
+
         fits, too_many = 0, len(clients)  # the most clients that fit: bisect
         while too_many - fits > 1:
             mid = (fits + too_many) // 2
-            cut = {**info, "clients": clients[:mid], "clients_omitted": len(clients) - mid}
-            if len(json.dumps(cut)) <= room:
+            if len(cut(mid)) <= room:
                 fits = mid
             else:
                 too_many = mid
-        cut = {**info, "clients": clients[:fits], "clients_omitted": len(clients) - fits}
-        return json.dumps(cut)
+        return cut(fits)
 
     def _describe(self, obj: SharedObject) -> dict[str, Any]:
         """What STAT shows of an object: its figures and each client's mapped bytes."""
