@@ -12,7 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,11 +82,17 @@ def all_ok(node: object) -> bool:
     return True
 
 
-def options(description: str, argv: list[str] | None) -> argparse.Namespace:
-    """The options every benchmark takes: ``--quick`` and ``-o FILE``."""
+def options(
+    description: str,
+    argv: list[str] | None,
+    more: Callable[[argparse.ArgumentParser], object] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark takes: ``--quick`` and ``-o FILE`` (``more`` adds its own)."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke check)")
     parser.add_argument("-o", "--output", type=Path, help="also write the JSON to this file")
+    if more is not None:
+        more(parser)
     return parser.parse_args(argv)
 
 

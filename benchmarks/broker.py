@@ -50,8 +50,12 @@ UNMAP. Every request is the broker's MAP/UNMAP message (28 bytes) for one 4 KiB 
 
 Run from the repository root (full: about a minute; the machine should be otherwise idle)::
 
-    .venv/bin/python benchmarks/broker.py [--quick] [-o FILE]
+    .venv/bin/python benchmarks/broker.py [--quick] [--daemon-in-our-session] [-o FILE]
 
+The daemon runs in a session of its own, as it would from another terminal or a service
+manager; with the kernel's autogroup on, that makes it a scheduling group of its own (JSON:
+``scheduling``). ``--daemon-in-our-session`` starts it in the benchmark's session, the clients'
+group: a diagnosis of what the group costs (see README), not the configuration to quote.
 ``--quick`` is a smoke check of about ten seconds (few blocks, 0.5 s rounds), so its figures
 are not the ones to quote. The JSON goes to stdout (and to FILE with ``-o``); progress goes to
 stderr.
@@ -187,6 +191,9 @@ class DaemonProcess:
 
     socket_path: str
     log_path: Path
+    own_session: bool = True
+    """Start it in a session of its own, as from another terminal or a service manager: its
+    own scheduling group (autogroup), like a systemd service's cgroup."""
     proc: subprocess.Popen[bytes] | None = None
     exit: Json = field(default_factory=dict)
 
@@ -203,7 +210,7 @@ class DaemonProcess:
         command = [self.executable(), "serve", "--socket", self.socket_path]
         with open(self.log_path, "wb") as out:
             self.proc = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, stdout=out, stderr=subprocess.STDOUT, start_new_session=self.own_session
             )
         deadline = time.monotonic() + timeout
         while "listening on" not in self.log():
@@ -247,9 +254,9 @@ class DaemonProcess:
 
 
 @contextlib.contextmanager
-def running_daemon(directory: Path) -> Iterator[DaemonProcess]:
+def running_daemon(directory: Path, own_session: bool = True) -> Iterator[DaemonProcess]:
     """A daemon for the benchmark, stopped with SIGTERM on the way out, always."""
-    daemon = DaemonProcess(str(directory / "dv.sock"), directory / "daemon.log")
+    daemon = DaemonProcess(str(directory / "dv.sock"), directory / "daemon.log", own_session)
     try:
         daemon.start()
         yield daemon
@@ -715,11 +722,32 @@ def check_written_page(shared: SharedAnon, client: Client) -> tuple[int, int]:
 # -- the run --------------------------------------------------------------------------------
 
 
-def run(cfg: Config, directory: Path, result: Json) -> None:
+def autogroup(pid: int) -> str:
+    """The scheduling group of a process's session (``/proc/PID/autogroup``; "" if none)."""
+    try:
+        return Path(f"/proc/{pid}/autogroup").read_text().split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def run(cfg: Config, directory: Path, result: Json, own_session: bool = True) -> None:
     """Everything between starting the servers and stopping them; fills ``result``."""
     ctx = mp.get_context("spawn")
-    with running_daemon(directory) as daemon, processes() as procs:
+    with running_daemon(directory, own_session) as daemon, processes() as procs:
         result["daemon"] = daemon.exit  # filled in when it stops
+        assert daemon.proc is not None
+        result["scheduling"] = {
+            "daemon_own_session": own_session,
+            "daemon_autogroup": autogroup(daemon.proc.pid),
+            "clients_autogroup": autogroup(os.getpid()),
+            "autogroup_enabled": Path("/proc/sys/kernel/sched_autogroup_enabled").exists()
+            and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1",
+            "what": "daemon_own_session: the daemon was started in a session of its own (the "
+            "default: as from another terminal or a service manager), so with autogroup on it "
+            "is a scheduling group of its own, like a systemd service's cgroup, and while it "
+            "polls it holds a CPU that its yields cannot hand to the clients' group (README); "
+            "false with --daemon-in-our-session",
+        }
         bare_path, epoll_path = str(directory / "bare.sock"), str(directory / "epoll.sock")
         bare = ctx.Process(target=echo_server, args=(bare_path, True), daemon=True)
         epoll = ctx.Process(target=echo_server, args=(epoll_path, False), daemon=True)
@@ -784,14 +812,22 @@ def run(cfg: Config, directory: Path, result: Json) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Run every benchmark and print the JSON."""
-    args = options(__doc__, argv)
+    args = options(
+        __doc__,
+        argv,
+        lambda p: p.add_argument(
+            "--daemon-in-our-session",
+            action="store_true",
+            help="start the daemon in this session, the clients' scheduling group (a diagnosis)",
+        ),
+    )
     cfg = QUICK if args.quick else FULL
     # SIGTERM (like Ctrl-C) unwinds, so that the daemon and helpers are stopped on the way.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     start = time.perf_counter()
     result: Json = {"benchmark": "devanon broker", "quick": args.quick, "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="devanon-bench-") as tmp:
-        run(cfg, Path(tmp), result)
+        run(cfg, Path(tmp), result, own_session=not args.daemon_in_our_session)
     emit(result, start, args.output)
     return 0
 
