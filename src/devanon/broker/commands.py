@@ -31,7 +31,8 @@ def add_commands(commands: Any) -> None:
         "--spin-us",
         type=float,
         default=200.0,
-        help="poll without sleeping this long after a request (0: always sleep)",
+        help="poll without sleeping this long after a request (0: always sleep); less "
+        "while other processes could use every CPU",
     )
     serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1")
     serve.add_argument("--metrics-textfile", help="write Prometheus metrics to this file")

@@ -34,6 +34,7 @@ from typing import Any
 
 from devanon.broker import protocol as wire
 from devanon.broker import ring as rings
+from devanon.broker.crowding import CrowdWatch
 from devanon.broker.objects import READ, WRITE, SharedObject, no_such
 from devanon.broker.verify import add_maps_of
 from devanon.counts import MapCounts
@@ -119,6 +120,7 @@ class Daemon:
         """Peers whose rings the loop polls while it spins (their requests need no WAKE):
         those that used them lately. The others' rings say the daemon sleeps."""
         self.state_lock = threading.Lock()
+        self._crowd = CrowdWatch()
         self._next_peer = 1
         self._stop = False
         self._epoll = select.epoll()
@@ -193,7 +195,13 @@ class Daemon:
     def serve_forever(self) -> None:
         """Serve until stopped. After each request the loop polls without sleeping for
         ``spin`` seconds: a sleeping process takes ~100 us to wake on a virtual machine, more
-        than a whole request costs, so a busy daemon stays awake and an idle one sleeps."""
+        than a whole request costs, so a busy daemon stays awake and an idle one sleeps.
+
+        While other processes could use every CPU (``devanon.broker.crowding``) polling
+        would take a CPU from them, its clients among them: then the loop polls for only
+        ``_CROWDED_SPIN`` after a request, and after that naps (``_NAP`` at a time, waking
+        for any message) and looks at the rings between naps, for up to ``_NAPPING``, before
+        it sleeps until a client rings the doorbell."""
         spin, last, passes = self.spin, 0.0, 0
         try:
             while not self._stop:
@@ -203,15 +211,18 @@ class Daemon:
                     last = now
                 passes += 1
                 try:
-                    if spin and now - last < spin:
-                        if self._polled and passes % _RING_PASSES:
+                    idle = now - last
+                    crowded = self._crowd.crowded(now)
+                    polls = idle < (_CROWDED_SPIN if crowded else spin)
+                    if spin and (polls or (crowded and idle < _NAPPING)):
+                        if self._polled and passes % _RING_PASSES and polls:
                             if not served:
                                 os.sched_yield()  # a client waiting for a CPU gets this one
                             continue  # the rings first: look at the sockets now and then
                         if self._polled:
                             self._stop_polling_idle(now)
-                        events = self._epoll.poll(0)
-                        if not events and not served:
+                        events = self._epoll.poll(0 if polls else _NAP)
+                        if not events and not served and polls:
                             os.sched_yield()
                     else:
                         events = self._sleep()
@@ -924,6 +935,14 @@ _BATCH = 16
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _FAST_SIZE = wire.MAP_ONE.size
 _RING_PASSES = 8
+_CROWDED_SPIN = 100e-6
+"""How long the loop polls after a request while the machine is crowded: requests that
+come closer together (8 clients mapping and unmapping in a loop) keep it polling, as
+when it is not crowded; sparser ones (clients that compute between maps) let it nap."""
+_NAP = 0.001
+"""One nap of a crowded loop between looks at the rings (epoll's resolution)."""
+_NAPPING = 0.02
+"""How long a crowded loop naps before it sleeps until a doorbell."""
 """While rings keep the loop busy, it looks at the sockets every this many passes."""
 _RING_IDLE = 0.01
 """Seconds without requests after which a ring is no longer polled (its client then rings
