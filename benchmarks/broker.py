@@ -42,6 +42,10 @@ UNMAP. Every request is the broker's MAP/UNMAP message (28 bytes) for one 4 KiB 
     echo server. Also the servers' CPU share (1.0 = one core busy), the share of the time
     they were runnable but waited for a CPU, and CPU time per pair (server and clients).
     Target: >= 20,000 pairs/s with 8 clients (judged for each start method apart).
+    ``8_clients_computing``: 8 spawned clients that compute (a Python loop, ~150 us here)
+    before each pair, as a pipeline does, against the same loop without the pair: the
+    iterations a second both ways and the daemon's CPU share (no target: it shows what the
+    daemon takes from clients that have other work, ``devanon.broker.crowding``).
 
 (c) ``verify``: the benchmark measured correct behaviour: the daemon's counts agree with
     the clients' /proc/PID/maps while they are connected, every pair punched its page once
@@ -100,6 +104,12 @@ OBJECT_SIZE = MiB
 """Pages: 0 for the main process, 1 + i for worker i of 16 (each page has one user: every
 unmap brings its count to 0 and the daemon punches it)."""
 WORKER_WARMUP = 300
+COMPUTE_LOOP = 3000
+KINDS = {"broker": "echo", "compute_broker": "compute"}
+"""What the workers of (b) do, each beside its baseline: map + unmap against the echo
+server's message pattern; ``compute`` then map + unmap against ``compute`` alone."""
+MAPPING_KINDS = frozenset(KINDS)
+"""Iterations of ``compute``'s loop: ~150 us of a client's CPU on this machine."""
 """Broker pairs (and echo pairs) each worker makes before it says it is ready."""
 ROUND_TRIP_TARGET = 2.0
 THROUGHPUT_TARGET = 20_000
@@ -305,11 +315,20 @@ def echo_server(path: str, blocking: bool) -> None:
                 conn.send(data[:8])
 
 
+def compute(n: int = COMPUTE_LOOP) -> int:
+    """A client's own work between two maps (pure Python, no syscall)."""
+    total = 0
+    for i in range(n):
+        total += i
+    return total
+
+
 def worker(index: int, daemon_path: str, echo_path: str, pipe: Connection) -> None:
     """One client process of (b): its own connections to the daemon and the echo server.
 
-    Commands on ``pipe``: ``("run", kind, start, duration)`` answers ``("done", pairs,
-    cpu_s)``; ``("stop",)`` closes everything and answers ``("closed", pairs_made)``.
+    Commands on ``pipe``: ``("run", kind, start, duration)`` (kind: one of ``KINDS``)
+    answers ``("done", iterations, cpu_s)``; ``("stop",)`` closes everything and answers
+    ``("closed", pairs_made)``.
     """
     try:
         gc.disable()
@@ -327,6 +346,17 @@ def worker(index: int, daemon_path: str, echo_path: str, pipe: Connection) -> No
             echo.recv(wire.MAX_MESSAGE)
             echo.send(posted)
 
+        def compute_broker_pair() -> None:
+            compute()
+            broker_pair()
+
+        ops = {
+            "broker": broker_pair,
+            "echo": echo_pair,
+            "compute_broker": compute_broker_pair,
+            "compute": compute,
+        }
+
         made = 0
         for _ in range(WORKER_WARMUP):
             broker_pair()
@@ -338,7 +368,7 @@ def worker(index: int, daemon_path: str, echo_path: str, pipe: Connection) -> No
             if command[0] == "stop":
                 break
             _, kind, start, duration = command
-            op = broker_pair if kind == "broker" else echo_pair
+            op = ops[kind]
             end = start + duration
             sleep_until(start)
             cpu0 = time.process_time()
@@ -347,7 +377,7 @@ def worker(index: int, daemon_path: str, echo_path: str, pipe: Connection) -> No
                 op()
                 pairs += 1
             pipe.send(("done", pairs, time.process_time() - cpu0))
-            if kind == "broker":
+            if kind in MAPPING_KINDS:
                 made += pairs
         shared.close()  # a round trip: raises if the daemon refused a posted unmap
         client.close()
@@ -630,9 +660,15 @@ def bench_throughput(
     for pipe in pipes:
         receive(pipe, "starting", 120)
     assert servers.daemon.proc is not None and servers.epoll.pid is not None
-    server_pid = {"broker": servers.daemon.proc.pid, "echo": servers.epoll.pid}
-    sets = [("spawn", n) for n in cfg.clients] + [(m, nworkers) for m in START_METHODS[1:]]
-    runs = [(kind, method, n) for method, n in sets for kind in ("broker", "echo")]
+    daemon_pid = servers.daemon.proc.pid
+    server_pid = {kind: daemon_pid for kind in ("broker", "compute_broker", "compute")}
+    server_pid["echo"] = servers.epoll.pid
+    sets = [
+        *(("spawn", n, "broker") for n in cfg.clients),
+        *((m, nworkers, "broker") for m in START_METHODS[1:]),
+        ("spawn", nworkers, "compute_broker"),
+    ]
+    runs = [(k, method, n) for method, n, kind in sets for k in (kind, KINDS[kind])]
     results: dict[tuple[str, str, int], list[Round]] = {r: [] for r in runs}
     for r in range(cfg.rounds):
         for j in range(len(runs)):
@@ -645,10 +681,10 @@ def bench_throughput(
                 run_round(kind, groups[method][:n], server_pid[kind], cfg.duration_s)
             )
     rows: Json = {}
-    for method, n in sets:
+    for method, n, mapping in sets:
         row: Json = {"clients": n, "start_method": method}
         rates = {}
-        for kind in ("broker", "echo"):
+        for kind in (mapping, KINDS[mapping]):
             rounds = results[kind, method, n]
             per_s = [r.pairs / cfg.duration_s for r in rounds]
             pairs = sum(r.pairs for r in rounds)
@@ -669,7 +705,13 @@ def bench_throughput(
                     sum(r.clients_cpu_s for r in rounds) / pairs * 1e6, 1
                 ),
             }
-        row["ratio"] = round(rates["broker"] / rates["echo"], 3)
+        row["ratio"] = round(rates[mapping] / rates[KINDS[mapping]], 3)
+        if mapping == "compute_broker":
+            row["compute_us"] = round((os.cpu_count() or 1) / rates["compute"] * 1e6, 1)
+            row["target"] = None
+            row["ok"] = None
+            rows[f"{n}_clients_computing"] = row
+            continue
         if n == THROUGHPUT_CLIENTS:
             row["target"] = f"broker pairs_per_s >= {THROUGHPUT_TARGET}"
             row["ok"] = rates["broker"] >= THROUGHPUT_TARGET
@@ -685,7 +727,10 @@ def bench_throughput(
         "Mapping.close; echo: request, 8-byte reply, posted message to the selectors echo "
         "server; pairs_per_s: the median of the rounds; server_cpu_share: the server "
         "process's CPU time / wall time (1.0 = one core); server_wait_share: the time it "
-        "was runnable but waiting for a CPU / wall time (/proc/PID/schedstat)",
+        "was runnable but waiting for a CPU / wall time (/proc/PID/schedstat); "
+        "8_clients_computing: each iteration is compute() (a Python loop) then, for "
+        "compute_broker, one pair; pairs_per_s counts iterations, and compute_us is the CPU "
+        "an iteration of compute alone takes (CPUs / its rate; the daemon idle)",
         "duration_s": cfg.duration_s,
         "rounds": cfg.rounds,
         "cpus": os.cpu_count(),
