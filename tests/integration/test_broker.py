@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -17,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from support import (
 
 from devanon.broker import BrokerError, Client, connect, daemon_log
 from devanon.broker import protocol as wire
+from devanon.broker.crowding import CrowdWatch
 
 PS = os.sysconf("SC_PAGE_SIZE")
 FORK = multiprocessing.get_context("fork")
@@ -115,11 +117,12 @@ def test_a_killed_client_loses_its_counts_and_nobody_elses(daemon: Served) -> No
         obj.close()
 
 
-def _random_mapper(conn: Connection, path: str, seed: int, npages: int) -> None:
+def _random_mapper(conn: Connection, path: str, seed: int, npages: int, pause: float = 0.0) -> None:
     rng = random.Random(seed)
     with connect(path) as client, client.open("random") as obj:
         live = []
         for _ in range(60):
+            time.sleep(pause * rng.random())
             if live and rng.random() < 0.4:
                 m = live.pop(rng.randrange(len(live)))
                 if m.length > PS and rng.random() < 0.5:
@@ -135,13 +138,35 @@ def _random_mapper(conn: Connection, path: str, seed: int, npages: int) -> None:
         conn.recv()
 
 
+@contextlib.contextmanager
+def busy_cpus(n: int) -> Iterator[None]:
+    """``n`` processes spinning in Python, killed on the way out."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("crowded", [False, True], ids=["idle-cpus", "crowded-cpus"])
 def test_verify_agrees_with_proc_maps_after_random_sequences_over_four_processes(
-    daemon: Served,
+    daemon: Served, crowded: bool
 ) -> None:
+    """Crowded: with every CPU wanted, the daemon naps between sparse requests
+    (``devanon.broker.crowding``), and must still serve them all, in order."""
     npages = 64
-    with connect(daemon.socket) as client:
+    pause = 0.002 if crowded else 0.0
+    cpus = len(os.sched_getaffinity(0))
+    with (
+        busy_cpus(cpus + 1 if crowded else 0),
+        connect(daemon.socket) as client,
+    ):
+        if crowded:  # the premise, from the kernel's run queue
+            assert wait_for(lambda: CrowdWatch().crowded(time.monotonic()))
         obj = client.open("random", npages * PS, create=True)
-        workers = [worker(_random_mapper, daemon.socket, seed, npages) for seed in range(4)]
+        workers = [worker(_random_mapper, daemon.socket, seed, npages, pause) for seed in range(4)]
         for _, conn in workers:
             assert conn.recv() == "settled"
         assert client.verify("random") == []

@@ -12,9 +12,12 @@ in their own group (``benchmarks/broker.py``, ``compute`` rows).
 
 So the daemon looks at how many tasks the kernel has runnable (``/proc/loadavg``, the
 ``running/total`` field, for the whole machine) at most every ``CHECK_S`` seconds; when
-the others alone could fill every CPU it may use, it sleeps between requests instead, and
-the clients ring the doorbell (``Op.WAKE``). In a container that shares the host's
-``/proc/loadavg``, a busy host makes the daemon sleep sooner: slower, never wrong.
+the others alone could fill every CPU it may use, it polls only briefly after a request
+and naps in between (``Daemon.serve_forever``); after a while of nothing it sleeps, and
+the clients ring the doorbell (``Op.WAKE``). The price is latency: a request that comes
+while the daemon naps waits for the end of the nap (up to 1 ms). In a container that
+shares the host's ``/proc/loadavg``, a busy host makes the daemon nap sooner: slower, never
+wrong.
 """
 
 from __future__ import annotations
