@@ -1282,3 +1282,39 @@ def test_an_object_with_more_clients_than_a_message_holds_is_listed_with_some(
         assert wait_for(lambda: client.stat("crowded")[0]["clients"] == [])
         client.unlink("crowded")
         client.unlink("quiet")
+
+
+def test_verify_lists_more_differences_than_one_message_holds_in_pages(daemon: Served) -> None:
+    """Counts the kernel does not bear out (mappings unmapped behind the client's back),
+    more of them than one message holds: ``verify()`` lists every one, in page order, from
+    pages; asked in one message (no FLAG_AFTER), VERIFY is refused with EMSGSIZE naming the
+    remedy (it used to be the only answer). ``devanon stat --verify`` lists them all."""
+    n = 1500  # ~78 bytes of JSON a difference: two pages
+    with connect(daemon.socket) as client:
+        obj = client.open("broken", 2 * n * PS, create=True)
+        maps = [obj.map(2 * i * PS, PS) for i in range(n)]  # every other page: n runs
+        unmap_every_mapping_of(os.fstat(obj.fd))
+        assert kernel_counts(obj.fd, [os.getpid()]) == {}
+        diffs = client.verify("broken")
+        assert diffs == [
+            {"first_page": 2 * i, "stop_page": 2 * i + 1, "daemon_count": 1, "kernel_count": 0}
+            for i in range(n)
+        ]
+        with pytest.raises(OSError, match=r"in pages \(FLAG_AFTER\)") as refused:
+            client.call(wire.Op.VERIFY, b"broken")
+        assert refused.value.errno == errno.EMSGSIZE
+        cli = [sys.executable, "-m", "devanon.cli", "stat", "--socket", daemon.socket]
+        out = subprocess.run(
+            [*cli, "--json", "--verify", "broken"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode != 0 and "differ" in out.stderr
+        assert json.loads(out.stdout)[0]["differences"] == diffs
+        for m in maps:  # the client's books still hold them: give the counts back
+            m.close()
+        assert client.verify("broken") == []
+        assert obj.resident_bytes() == 0
+        obj.close()
+        client.unlink("broken")

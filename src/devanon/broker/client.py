@@ -574,10 +574,18 @@ class Client:
             after = page[-1]["name"]
 
     def verify(self, name: str) -> list[dict[str, int]]:
-        """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences."""
-        body, _ = self.call(wire.Op.VERIFY, _name(name))
-        result: list[dict[str, int]] = json.loads(body)
-        return result
+        """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences
+        (in pages by first page, so there may be more than one message holds)."""
+        raw = _name(name)
+        result: list[dict[str, int]] = []
+        after = 0
+        while True:
+            body, _ = self.call(wire.Op.VERIFY, wire.U64.pack(after) + raw, flags=wire.FLAG_AFTER)
+            page: list[dict[str, int]] = json.loads(body)
+            if not page or page[0]["first_page"] < after:  # the end (a guard: pages go up)
+                return result
+            result += page
+            after = page[-1]["stop_page"]
 
     def close(self) -> None:
         with self._lock:

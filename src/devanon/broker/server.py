@@ -539,7 +539,7 @@ class Daemon:
             remedy = (
                 "ask for one object by name, or list them in pages (FLAG_AFTER)"
                 if req.op == wire.Op.STAT
-                else "too many differences to list"
+                else "list the differences in pages (FLAG_AFTER)"
             )
             text = (
                 f"the reply would be {len(reply.body)} bytes, over the {wire.MAX_MESSAGE} a "
@@ -752,15 +752,8 @@ class Daemon:
             for name, obj in self.objects.items()
             if name > after and obj.allows(peer.uid, peer.gids, READ)
         )
-        room = _STAT_ROOM
-        parts: list[str] = []
-        for name in names:
-            part = self._described_within(self.objects[name], _STAT_ROOM)  # fits a page
-            room -= len(part) + bool(parts)  # and a comma
-            if room < 0:
-                break  # the next page begins with it
-            parts.append(part)
-        return Reply(f"[{','.join(parts)}]".encode())
+        entries = (self._described_within(self.objects[n], _STAT_ROOM) for n in names)
+        return Reply(_listed_within(entries, _STAT_ROOM))
 
     def _described_within(self, obj: SharedObject, room: int) -> str:
         """``obj``'s STAT entry as JSON of at most ``room`` bytes: if its list of clients is
@@ -798,8 +791,16 @@ class Daemon:
         return info
 
     def _verify(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        """The differences between the counts and the clients' maps: all of them, or with
+        FLAG_AFTER those past a page, as many as one reply holds (recomputed each time)."""
         self._drain_rings()
-        name = wire.name_of(req.body)
+        body, after = req.body, 0
+        if req.flags & wire.FLAG_AFTER:
+            if len(body) < wire.U64.size:
+                raise wire.ProtocolError("VERIFY with AFTER begins with the page to list from")
+            (after,) = wire.U64.unpack_from(body)
+            body = body[wire.U64.size :]
+        name = wire.name_of(body)
         obj = self.objects.get(name)
         if obj is None or not obj.allows(peer.uid, peer.gids, READ):
             raise no_such(name)
@@ -813,11 +814,21 @@ class Daemon:
         for pin in obj.pins:  # forked children: counted, but not clients we can read
             for first, last in pin.ranges:
                 kernel.add(first, last)
-        diffs = [
-            {"first_page": a, "stop_page": b, "daemon_count": ours, "kernel_count": theirs}
+        diffs = (
+            json.dumps(
+                {
+                    "first_page": max(a, after),
+                    "stop_page": b,
+                    "daemon_count": ours,
+                    "kernel_count": theirs,
+                }
+            )
             for a, b, ours, theirs in obj.counts.diff(kernel)
-        ]
-        return Reply(json.dumps(diffs).encode())
+            if b > after
+        )
+        if req.flags & wire.FLAG_AFTER:
+            return Reply(_listed_within(diffs, _STAT_ROOM))
+        return Reply(f"[{','.join(diffs)}]".encode())
 
     def _pin(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
         handle, ranges = wire.unpack_ranges(req.body)
@@ -905,6 +916,18 @@ SO_PEERPIDFD = 77
 """getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
 
 
+def _listed_within(parts: Iterable[str], room: int) -> bytes:
+    """A JSON list of the first of ``parts`` (JSON texts, each within ``room``) that fit in
+    ``room`` bytes with their commas: one page of a listing; the next begins where it ends."""
+    kept: list[str] = []
+    for part in parts:
+        room -= len(part) + bool(kept)
+        if room < 0:
+            break
+        kept.append(part)
+    return f"[{','.join(kept)}]".encode()
+
+
 def _with_requests(peers: Iterable[Peer]) -> list[Peer]:
     """Those of ``peers`` whose rings hold requests not yet taken."""
     return [p for p in peers if p.ring is not None and p.ring.pending()]
@@ -949,7 +972,7 @@ _RING_IDLE = 0.01
 the doorbell: one message, instead of the loop's time for every ring of every client)."""
 _WAKE_REPLY = wire.REPLY.pack(wire.Op.WAKE, wire.STATUS_OK, 0)
 _STAT_ROOM = wire.MAX_MESSAGE - wire.REPLY.size - 2
-"""Bytes of JSON objects one STAT reply holds (within the list's brackets)."""
+"""Bytes of JSON objects one STAT or VERIFY reply holds (within the list's brackets)."""
 _FAST_OPS = frozenset((wire.Op.MAP, wire.Op.UNMAP))
 
 
