@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import resource
 import signal
 import socket
@@ -643,6 +644,8 @@ def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
         assert served.stop() == 0
     text = textfile.read_text()
     assert 'devanon_object_size_bytes{name="metered"}' in text
+    assert re.search(r"^devanon_daemon_crowded [01]\.0$", text, re.M)
+    assert re.search(r"^devanon_daemon_naps_total \d+\.0$", text, re.M)
 
 
 def test_client_side_bad_input(daemon: Served) -> None:

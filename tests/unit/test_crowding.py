@@ -52,3 +52,9 @@ def test_one_look_is_trusted_for_check_s(tmp_path: Path) -> None:
     loadavg(tmp_path, 5)
     assert not watch.crowded(100.0 + crowding.CHECK_S / 2)
     assert watch.crowded(100.0 + crowding.CHECK_S)
+
+
+def test_last_is_what_the_last_look_said(tmp_path: Path) -> None:
+    watch = CrowdWatch(loadavg(tmp_path, 4), cpus=1)
+    assert watch.last is False  # no look yet
+    assert watch.crowded(0.0) and watch.last

@@ -51,6 +51,11 @@ class CrowdWatch:
         self._checked = float("-inf")
         self._crowded = False
 
+    @property
+    def last(self) -> bool:
+        """What the last look said (False before any)."""
+        return self._crowded
+
     def crowded(self, now: float) -> bool:
         """Looked up at most every ``CHECK_S`` seconds of ``now`` (``time.monotonic``)."""
         if now - self._checked >= CHECK_S:

@@ -44,6 +44,16 @@ class DaemonCollector(Collector):
                 counter.add_metric([str(obj["name"])], float(obj[key]))  # type: ignore[arg-type]
             families.append(counter)
         yield from families
+        yield GaugeMetricFamily(
+            "devanon_daemon_crowded",
+            "1 while other processes could use every CPU: the daemon naps rather than polls",
+            value=float(self.daemon.crowded),
+        )
+        yield CounterMetricFamily(
+            "devanon_daemon_naps",
+            "Naps of 1 ms between looks at the rings, taken while the CPUs were crowded",
+            value=float(self.daemon.naps),
+        )
 
 
 def export(

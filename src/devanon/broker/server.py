@@ -121,6 +121,8 @@ class Daemon:
         those that used them lately. The others' rings say the daemon sleeps."""
         self.state_lock = threading.Lock()
         self._crowd = CrowdWatch()
+        self.naps = 0
+        """Naps taken between looks at the rings, the CPUs being crowded (a metric)."""
         self._next_peer = 1
         self._stop = False
         self._epoll = select.epoll()
@@ -221,6 +223,8 @@ class Daemon:
                             continue  # the rings first: look at the sockets now and then
                         if self._polled:
                             self._stop_polling_idle(now)
+                        if not polls:
+                            self.naps += 1
                         events = self._epoll.poll(0 if polls else _NAP)
                         if not events and not served and polls:
                             os.sched_yield()
@@ -905,6 +909,11 @@ class Daemon:
         return Reply(wire.U64.pack(obj.counts.count(offset // obj.page_size)))
 
     # -- for metrics -----------------------------------------------------------------------
+
+    @property
+    def crowded(self) -> bool:
+        """Whether the CPUs were crowded at the last look (see ``devanon.broker.crowding``)."""
+        return self._crowd.last
 
     def snapshot(self) -> list[dict[str, object]]:
         """Every object's figures, as stat shows root (taken under ``state_lock``)."""
