@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -151,37 +152,55 @@ def busy_cpus(n: int) -> Iterator[None]:
             proc.wait()
 
 
+def _naps(port: int) -> float:
+    """The daemon's naps so far, from its Prometheus metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as page:
+        text = page.read().decode()
+    found = re.search(r"^devanon_daemon_naps_total (\S+)$", text, re.M)
+    assert found, text
+    return float(found.group(1))
+
+
 @pytest.mark.parametrize("crowded", [False, True], ids=["idle-cpus", "crowded-cpus"])
 def test_verify_agrees_with_proc_maps_after_random_sequences_over_four_processes(
-    daemon: Served, crowded: bool
+    socket_dir: Path, crowded: bool
 ) -> None:
     """Crowded: with every CPU wanted, the daemon naps between sparse requests
-    (``devanon.broker.crowding``), and must still serve them all, in order."""
+    (``devanon.broker.crowding``; its metrics show it did), and must still serve them all,
+    in order."""
     npages = 64
     pause = 0.002 if crowded else 0.0
     cpus = len(os.sched_getaffinity(0))
-    with (
-        busy_cpus(cpus + 1 if crowded else 0),
-        connect(daemon.socket) as client,
-    ):
-        if crowded:  # the premise, from the kernel's run queue
-            assert wait_for(lambda: CrowdWatch().crowded(time.monotonic()))
-        obj = client.open("random", npages * PS, create=True)
-        workers = [worker(_random_mapper, daemon.socket, seed, npages, pause) for seed in range(4)]
-        for _, conn in workers:
-            assert conn.recv() == "settled"
-        assert client.verify("random") == []
-        kernel = kernel_counts(obj.fd, [proc.pid for proc, _ in workers])
-        assert {p: obj.map_count(p * PS) for p in range(npages)} == {
-            p: kernel.get(p, 0) for p in range(npages)
-        }
-        for proc, conn in workers:
-            conn.send("go")
-            proc.join(10)
-            assert proc.exitcode == 0
-        assert wait_for(lambda: obj.stats().mapped_bytes == 0)
-        assert obj.resident_bytes() == 0
-        obj.close()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    daemon = start_daemon(str(socket_dir / "dv.sock"), "--metrics-port", str(port))
+    try:
+        with busy_cpus(cpus + 1 if crowded else 0), connect(daemon.socket) as client:
+            if crowded:  # the premise, from the kernel's run queue
+                assert wait_for(lambda: CrowdWatch().crowded(time.monotonic()))
+            obj = client.open("random", npages * PS, create=True)
+            workers = [
+                worker(_random_mapper, daemon.socket, seed, npages, pause) for seed in range(4)
+            ]
+            for _, conn in workers:
+                assert conn.poll(60) and conn.recv() == "settled"
+            assert client.verify("random") == []
+            kernel = kernel_counts(obj.fd, [proc.pid for proc, _ in workers])
+            assert {p: obj.map_count(p * PS) for p in range(npages)} == {
+                p: kernel.get(p, 0) for p in range(npages)
+            }
+            if crowded:
+                assert _naps(port) > 0
+            for proc, conn in workers:
+                conn.send("go")
+                proc.join(10)
+                assert proc.exitcode == 0
+            assert wait_for(lambda: obj.stats().mapped_bytes == 0)
+            assert obj.resident_bytes() == 0
+            obj.close()
+    finally:
+        assert daemon.stop() == 0
 
 
 def _as_nobody(conn: Connection, path: str) -> None:

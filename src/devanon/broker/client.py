@@ -574,15 +574,24 @@ class Client:
             after = page[-1]["name"]
 
     def verify(self, name: str) -> list[dict[str, int]]:
-        """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences
-        (in pages by first page, so there may be more than one message holds)."""
+        """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences.
+        More than one message holds come in pages, by first page (asked for only then, so
+        a daemon older than the pages answers as before)."""
         raw = _name(name)
+        try:
+            body, _ = self.call(wire.Op.VERIFY, raw)
+        except OSError as e:
+            if e.errno != errno.EMSGSIZE:
+                raise
+        else:
+            every: list[dict[str, int]] = json.loads(body)
+            return every
         result: list[dict[str, int]] = []
         after = 0
         while True:
             body, _ = self.call(wire.Op.VERIFY, wire.U64.pack(after) + raw, flags=wire.FLAG_AFTER)
             page: list[dict[str, int]] = json.loads(body)
-            if not page or page[0]["first_page"] < after:  # the end (a guard: pages go up)
+            if not page or page[-1]["stop_page"] <= after:  # the end (a guard: pages go up)
                 return result
             result += page
             after = page[-1]["stop_page"]

@@ -200,10 +200,10 @@ class Daemon:
         than a whole request costs, so a busy daemon stays awake and an idle one sleeps.
 
         While other processes could use every CPU (``devanon.broker.crowding``) polling
-        would take a CPU from them, its clients among them: then the loop polls for only
+        would take a CPU from them, its clients among them: then the loop polls for at most
         ``_CROWDED_SPIN`` after a request, and after that naps (``_NAP`` at a time, waking
-        for any message) and looks at the rings between naps, for up to ``_NAPPING``, before
-        it sleeps until a client rings the doorbell."""
+        for any message) and looks at the rings it polls between naps, for up to
+        ``_NAPPING``, before it sleeps until a client rings the doorbell."""
         spin, last, passes = self.spin, 0.0, 0
         try:
             while not self._stop:
@@ -214,9 +214,10 @@ class Daemon:
                 passes += 1
                 try:
                     idle = now - last
-                    crowded = self._crowd.crowded(now)
-                    polls = idle < (_CROWDED_SPIN if crowded else spin)
-                    if spin and (polls or (crowded and idle < _NAPPING)):
+                    crowded = bool(spin) and self._crowd.crowded(now)
+                    polls = idle < (min(spin, _CROWDED_SPIN) if crowded else spin)
+                    naps = crowded and idle < _NAPPING and bool(self._polled)
+                    if polls or naps:  # (never with spin 0)
                         if self._polled and passes % _RING_PASSES and polls:
                             if not served:
                                 os.sched_yield()  # a client waiting for a CPU gets this one
@@ -967,15 +968,16 @@ _BATCH = 16
 _TRUNCATED = int(socket.MSG_TRUNC | socket.MSG_CTRUNC)
 _FAST_SIZE = wire.MAP_ONE.size
 _RING_PASSES = 8
+"""While rings keep the loop busy, it looks at the sockets every this many passes."""
 _CROWDED_SPIN = 100e-6
-"""How long the loop polls after a request while the machine is crowded: requests that
+"""The most the loop polls after a request while the machine is crowded: requests that
 come closer together (8 clients mapping and unmapping in a loop) keep it polling, as
 when it is not crowded; sparser ones (clients that compute between maps) let it nap."""
 _NAP = 0.001
 """One nap of a crowded loop between looks at the rings (epoll's resolution)."""
 _NAPPING = 0.02
-"""How long a crowded loop naps before it sleeps until a doorbell."""
-"""While rings keep the loop busy, it looks at the sockets every this many passes."""
+"""How long a crowded loop naps, while it polls rings, before it sleeps until a doorbell
+(a ring unused for ``_RING_IDLE`` is no longer polled: then it sleeps at once)."""
 _RING_IDLE = 0.01
 """Seconds without requests after which a ring is no longer polled (its client then rings
 the doorbell: one message, instead of the loop's time for every ring of every client)."""
