@@ -101,8 +101,10 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
 OBJECT = "bench-broker"
 OBJECT_SIZE = MiB
-"""Pages: 0 for the main process, 1 + i for worker i of 16 (each page has one user: every
-unmap brings its count to 0 and the daemon punches it)."""
+"""Pages: 0 for the main process's ring client, ``SOCKET_PAGE`` for its socket-only client,
+1 + i for worker i of 24 (each page has one user: every unmap brings its count to 0 and
+the daemon punches it)."""
+SOCKET_PAGE = OBJECT_SIZE // PAGE - 1
 WORKER_WARMUP = 300
 COMPUTE_LOOP = 3000
 KINDS = {"broker": "echo", "compute_broker": "compute"}
@@ -473,7 +475,10 @@ def bench_round_trip(
         client.post_unmap(handle, 0, PAGE)
 
     def broker_map_unmap_socket() -> None:
-        m = socket_only.map(0, PAGE)
+        # A page of its own: another connection's posted UNMAP of page 0 could be served
+        # after this MAP (connections keep no order between them), and two pairs would
+        # then share one punch.
+        m = socket_only.map(SOCKET_PAGE * PAGE, PAGE)
         m.close()
 
     def bare_round_trip() -> None:
@@ -820,7 +825,8 @@ def run(cfg: Config, directory: Path, result: Json, own_session: bool = True) ->
             pairs_made += stop_workers(pipes)
             written, after_close = check_written_page(shared, client)
             pairs_made += 1
-            counts = [shared.map_count(i * PAGE) for i in range(1 + len(pipes))]
+            used = [*range(1 + len(pipes)), SOCKET_PAGE]
+            counts = [shared.map_count(i * PAGE) for i in used]
             final = object_state(client)
             shared.close()
         result["verify"] = {
