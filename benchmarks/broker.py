@@ -106,13 +106,13 @@ OBJECT_SIZE = MiB
 the daemon punches it)."""
 SOCKET_PAGE = OBJECT_SIZE // PAGE - 1
 WORKER_WARMUP = 300
+"""Broker pairs (and echo pairs) each worker makes before it says it is ready."""
 COMPUTE_LOOP = 3000
+"""Iterations of ``compute``'s loop: ~150 us of a client's CPU on this machine."""
 KINDS = {"broker": "echo", "compute_broker": "compute"}
 """What the workers of (b) do, each beside its baseline: map + unmap against the echo
 server's message pattern; ``compute`` then map + unmap against ``compute`` alone."""
 MAPPING_KINDS = frozenset(KINDS)
-"""Iterations of ``compute``'s loop: ~150 us of a client's CPU on this machine."""
-"""Broker pairs (and echo pairs) each worker makes before it says it is ready."""
 ROUND_TRIP_TARGET = 2.0
 THROUGHPUT_TARGET = 20_000
 THROUGHPUT_CLIENTS = 8
@@ -780,6 +780,14 @@ def autogroup(pid: int) -> str:
         return ""
 
 
+def autogroup_enabled() -> bool:
+    """Whether the kernel puts each session in a scheduling group of its own."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 def run(cfg: Config, directory: Path, result: Json, own_session: bool = True) -> None:
     """Everything between starting the servers and stopping them; fills ``result``."""
     ctx = mp.get_context("spawn")
@@ -790,8 +798,7 @@ def run(cfg: Config, directory: Path, result: Json, own_session: bool = True) ->
             "daemon_own_session": own_session,
             "daemon_autogroup": autogroup(daemon.proc.pid),
             "clients_autogroup": autogroup(os.getpid()),
-            "autogroup_enabled": Path("/proc/sys/kernel/sched_autogroup_enabled").exists()
-            and Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1",
+            "autogroup_enabled": autogroup_enabled(),
             "what": "daemon_own_session: the daemon was started in a session of its own (the "
             "default: as from another terminal or a service manager), so with autogroup on it "
             "is a scheduling group of its own, like a systemd service's cgroup, and while it "
