@@ -45,6 +45,7 @@ _ON_SOCKET: tuple[int, bytes, list[int]] = (wire.STATUS_ERROR, b"", [])
 (with its text) is on the socket."""
 _WAKE = wire.request(wire.Op.WAKE, 0)
 _T = TypeVar("_T")
+_K = TypeVar("_K", str, int)
 
 
 class BrokerError(ConnectionError):
@@ -563,15 +564,7 @@ class Client:
             body, _ = self.call(wire.Op.STAT, _name(name))
             one: list[dict[str, Any]] = json.loads(body)
             return one
-        result: list[dict[str, Any]] = []
-        after = ""
-        while True:
-            body, _ = self.call(wire.Op.STAT, after.encode(), flags=wire.FLAG_AFTER)
-            page: list[dict[str, Any]] = json.loads(body)
-            if not page or page[0]["name"] <= after:  # the end (a guard: names only go up)
-                return result
-            result += page
-            after = page[-1]["name"]
+        return self._pages(wire.Op.STAT, "", lambda after: after.encode(), "name")
 
     def verify(self, name: str) -> list[dict[str, int]]:
         """Recompute ``name``'s counts from the clients' /proc/PID/maps; the differences.
@@ -586,15 +579,23 @@ class Client:
         else:
             every: list[dict[str, int]] = json.loads(body)
             return every
-        result: list[dict[str, int]] = []
-        after = 0
+        return self._pages(wire.Op.VERIFY, 0, lambda after: wire.U64.pack(after) + raw, "stop_page")
+
+    def _pages(
+        self, op: wire.Op, start: _K, body: Callable[[_K], bytes], cursor: str
+    ) -> list[dict[str, Any]]:
+        """A listing that comes in pages (FLAG_AFTER): asked from ``start``, then from the
+        ``cursor`` field of each page's last entry, until a page is empty (or, a guard
+        against a daemon that repeats itself, does not begin and end past the cursor)."""
+        result: list[dict[str, Any]] = []
+        after = start
         while True:
-            body, _ = self.call(wire.Op.VERIFY, wire.U64.pack(after) + raw, flags=wire.FLAG_AFTER)
-            page: list[dict[str, int]] = json.loads(body)
-            if not page or page[-1]["stop_page"] <= after:  # the end (a guard: pages go up)
+            reply, _ = self.call(op, body(after), flags=wire.FLAG_AFTER)
+            page: list[dict[str, Any]] = json.loads(reply)
+            if not page or page[0][cursor] <= after or page[-1][cursor] <= after:
                 return result
             result += page
-            after = page[-1]["stop_page"]
+            after = page[-1][cursor]
 
     def close(self) -> None:
         with self._lock:

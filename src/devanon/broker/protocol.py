@@ -39,8 +39,10 @@ OPEN_WRITABLE = 2
 FLAG_NOREPLY = 1
 """On UNMAP: reply only if it fails (unmaps may be pipelined)."""
 FLAG_AFTER = 2
-"""On STAT: list a page, the objects whose names sort after the body's (from the first if
-it is empty), as many as one reply holds; an empty page ends the listing."""
+"""On STAT and VERIFY: list a page, as many entries as one reply holds, from a cursor in
+the body (STAT: the objects whose names sort after the body's, from the first if it is
+empty; VERIFY: a ``U64`` page index, then the name: the differences from that page on);
+an empty page ends the listing."""
 
 STATUS_OK = 0
 STATUS_ERROR = 1

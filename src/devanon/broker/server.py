@@ -216,8 +216,7 @@ class Daemon:
                     idle = now - last
                     crowded = bool(spin) and self._crowd.crowded(now)
                     polls = idle < (min(spin, _CROWDED_SPIN) if crowded else spin)
-                    naps = crowded and idle < _NAPPING and bool(self._polled)
-                    if polls or naps:  # (never with spin 0)
+                    if polls or (crowded and idle < _NAPPING and self._polled):  # never: spin 0
                         if self._polled and passes % _RING_PASSES and polls:
                             if not served:
                                 os.sched_yield()  # a client waiting for a CPU gets this one
@@ -744,7 +743,7 @@ class Daemon:
             obj = self.objects.get(name)
             if obj is None or not obj.allows(peer.uid, peer.gids, READ):
                 raise no_such(name)
-            return Reply(f"[{self._described_within(obj, _STAT_ROOM)}]".encode())
+            return Reply(f"[{self._described_within(obj, _LIST_ROOM)}]".encode())
         readable = [o for o in self.objects.values() if o.allows(peer.uid, peer.gids, READ)]
         return Reply(json.dumps([self._describe(o) for o in readable]).encode())
 
@@ -757,8 +756,8 @@ class Daemon:
             for name, obj in self.objects.items()
             if name > after and obj.allows(peer.uid, peer.gids, READ)
         )
-        entries = (self._described_within(self.objects[n], _STAT_ROOM) for n in names)
-        return Reply(_listed_within(entries, _STAT_ROOM))
+        entries = (self._described_within(self.objects[n], _LIST_ROOM) for n in names)
+        return Reply(_listed_within(entries, _LIST_ROOM))
 
     def _described_within(self, obj: SharedObject, room: int) -> str:
         """``obj``'s STAT entry as JSON of at most ``room`` bytes: if its list of clients is
@@ -832,7 +831,7 @@ class Daemon:
             if b > after
         )
         if req.flags & wire.FLAG_AFTER:
-            return Reply(_listed_within(diffs, _STAT_ROOM))
+            return Reply(_listed_within(diffs, _LIST_ROOM))
         return Reply(f"[{','.join(diffs)}]".encode())
 
     def _pin(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
@@ -982,8 +981,8 @@ _RING_IDLE = 0.01
 """Seconds without requests after which a ring is no longer polled (its client then rings
 the doorbell: one message, instead of the loop's time for every ring of every client)."""
 _WAKE_REPLY = wire.REPLY.pack(wire.Op.WAKE, wire.STATUS_OK, 0)
-_STAT_ROOM = wire.MAX_MESSAGE - wire.REPLY.size - 2
-"""Bytes of JSON objects one STAT or VERIFY reply holds (within the list's brackets)."""
+_LIST_ROOM = wire.MAX_MESSAGE - wire.REPLY.size - 2
+"""Bytes of JSON entries one STAT or VERIFY reply holds (within the list's brackets)."""
 _FAST_OPS = frozenset((wire.Op.MAP, wire.Op.UNMAP))
 
 
