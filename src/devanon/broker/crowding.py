@@ -8,7 +8,7 @@ cgroup), the scheduler gives that group its share of the machine whenever it is 
 and ``sched_yield`` only lets the daemon's own group run. Measured on 2 CPUs, 8 clients
 each computing ~150 us between a map and an unmap: the polling daemon held 0.87 of a CPU,
 and the clients made 3,900-4,300 iterations a second, against 6,400-6,900 with the daemon
-in their own group; napping as below, 5,300-6,100 (``benchmarks/broker.py``, row
+in their own group; napping as below, 5,000-5,700 (``benchmarks/broker.py``, row
 ``8_clients_computing``).
 
 So the daemon looks at how many tasks the kernel has runnable (``/proc/loadavg``, the
