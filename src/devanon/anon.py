@@ -145,18 +145,39 @@ class Anon(Mapper):
         Closing twice is allowed. Views still alive keep their ranges quarantined. Nothing
         is punched: the kernel frees the file with its last descriptor and mapping.
         """
+        self._close(untrack=True)
+
+    def __del__(self) -> None:
+        """An Anon dropped without ``close()`` gives its mappings back, as ``mmap.mmap``
+        does (its mappings and it form a cycle: only the garbage collector gets here)."""
+        with contextlib.suppress(Exception):  # also at interpreter exit, half torn down
+            if not self.closed:
+                # No untrack: the collector may run inside a fork hook's walk of the tracked
+                # set, and the weak set lets go of a dead object by itself.
+                self._close(untrack=False)
+
+    def _close(self, untrack: bool) -> None:
         with self._lock:
             if self.closed:
                 return
             self._closing = True
-            self._unmap_all()
+            try:
+                self._unmap_all()
+            except BaseException:
+                # Pieces unmapped before the failure lost their counts unpunched: punch
+                # whatever data lies at count 0, and go on punching from now on.
+                self._closing = False
+                if self._closer.alive:  # (the collector may have closed the file first)
+                    self._sweep()
+                raise
             self._fork.close()
             self._closer()
             self.fd = -1
             if self.path is not None and not self._fork.is_child:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
-            _forking.untrack(self)
+            if untrack:
+                _forking.untrack(self)
 
     def __enter__(self) -> Anon:
         return self

@@ -35,6 +35,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from devanon import views
 from devanon.counts import MapCounts, PageRange
 
 
@@ -209,6 +210,7 @@ def _after_in_parent() -> None:
 
 def _after_in_child() -> None:
     global _track_lock, _track_cond, _fork_lock, _owner, _forker, _depth
+    views.renew_locks_after_fork()
     if _owner == threading.get_ident() and _depth > 1:
         _nested_child()
     if not _done_forking():

@@ -104,7 +104,8 @@ class Mapping:
         return self.offset + (address - self.address)
 
     def view(self) -> memoryview:
-        """A memoryview of the whole mapping (read-only unless the mapping is writable).
+        """A memoryview of the whole mapping (read-only unless the mapping is writable, and
+        while a read-only overlay lies on part of it: a write there would fault).
 
         The view stays safe after the mapping is unmapped: see ``devanon.views``.
         """
@@ -116,6 +117,9 @@ class Mapping:
 
     def _has_views(self) -> bool:
         return self._views is not None and self._views.live > 0
+
+    def _has_writable_views(self) -> bool:
+        return self._views is not None and self._views.writers > 0
 
     def _retire(self, address: int, length: int) -> bool:
         """Quarantine a piece if views of this mapping are alive (see ``devanon.views``)."""
@@ -170,7 +174,10 @@ class Overlay:
         return self._pieces == 0
 
     def release(self) -> None:
-        """Map the object back under the overlay; those pages regain their count."""
+        """Map the object back under the overlay; those pages regain their count.
+
+        One mmap per piece: refused at vm.max_map_count (OSError) it may stop part way;
+        the pieces released stay released and counted, and calling again finishes."""
         self.anon._release_overlay(self)
 
     def __enter__(self) -> Overlay:
@@ -337,12 +344,18 @@ class Mapper(ABC):
         length: int,
         *,
         writable: bool = False,
+        under_writable_views: bool = False,
     ) -> Overlay:
         """Map ``file``'s pages (MAP_FIXED | MAP_PRIVATE) over memory this object maps.
 
         The pages underneath lose that count, exactly as munmap would (and are freed if it
         falls to zero). ``writable=True`` makes writes private copies; the file itself is
         never written.
+
+        A read-only overlay is refused (BufferError) over a mapping with live writable
+        views: a write through one of them there would kill the process (SIGSEGV).
+        ``under_writable_views=True`` lays it anyway, for a caller that never writes where
+        read-only overlays lie (a guest's memory breaks the sharing before it writes).
         """
         address = _checks.aligned("address", address, self.page_size, positive=True)
         length = _checks.aligned("length", length, self.page_size, positive=True)
@@ -369,6 +382,16 @@ class Mapper(ABC):
                 self._before_op()
                 self._check_owned(address, length)
                 pieces = self._pieces(address, address + length)
+                if not writable and not under_writable_views:
+                    for seg in pieces:
+                        if seg.owner._has_writable_views():
+                            raise BufferError(
+                                f"cannot lay a read-only overlay at {seg.start:#x}: "
+                                f"{seg.owner!r} has live writable views, and a write through "
+                                "one there would kill the process (SIGSEGV); drop the views, "
+                                "or pass writable=True, or under_writable_views=True if "
+                                "nothing writes there"
+                            )
                 try:
                     _libc.mmap(
                         address, length, prot, _libc.MAP_PRIVATE | _libc.MAP_FIXED, fd, file_offset
@@ -547,15 +570,18 @@ class Mapper(ABC):
             self._check_open()
             lo = bisect_left(self._starts, mapping.address)
             hi = bisect_left(self._starts, mapping.address + mapping.length)
-            covered = sum(
-                seg.stop - seg.start for seg in self._segments[lo:hi] if seg.owner is mapping
-            )
-            if covered != mapping.length:
+            mine = [seg for seg in self._segments[lo:hi] if seg.owner is mapping]
+            if sum(seg.stop - seg.start for seg in mine) != mapping.length:
                 raise ValueError(f"{mapping!r} is not wholly mapped any more: no view of it")
+            read_only_overlay = any(
+                seg.overlay is not None and not seg.overlay.writable for seg in mine
+            )
             if mapping._views is None:
                 mapping._views = ViewTracker()
             return mapping._views.view(
-                mapping.address, mapping.length, readonly=not mapping.writable
+                mapping.address,
+                mapping.length,
+                readonly=not mapping.writable or read_only_overlay,
             )
 
     def _close_mapping(self, mapping: Mapping) -> None:

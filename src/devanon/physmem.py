@@ -73,7 +73,9 @@ class PhysicalMemory:
         """Map ``count`` pages of the file ``fd`` from ``file_offset`` over the frames."""
         self._check(frame, count)
         address, length = self.address(frame), count * self.page_size
-        self.anon.overlay(address, fd, file_offset, length)
+        # ``view`` is writable and stays alive: nothing writes an overlaid frame through it
+        # (``unshare`` first), so a read-only overlay may lie under it.
+        self.anon.overlay(address, fd, file_offset, length, under_writable_views=True)
         self.overlay_calls += 1
         self._overlaid[frame : frame + count] = b"\1" * count
         _libc.madvise(address, length, _libc.MADV_RANDOM)
@@ -88,7 +90,9 @@ class PhysicalMemory:
     def discard(self, frame: Frame, count: int) -> None:
         """Give the frames back to the host: afterwards they read zeros and cost nothing."""
         self._check(frame, count)
-        self.anon.overlay(self.address(frame), self._hole, 0, count * self.page_size).release()
+        self.anon.overlay(
+            self.address(frame), self._hole, 0, count * self.page_size, under_writable_views=True
+        ).release()
         self.discard_calls += 1
         self._overlaid[frame : frame + count] = bytes(count)
 

@@ -24,19 +24,23 @@ from devanon import _libc
 class ViewTracker:
     """Counts the live views of one mapping and holds its quarantined ranges."""
 
-    __slots__ = ("_lock", "_pending", "live")
+    __slots__ = ("__weakref__", "_lock", "_pending", "live", "writers")
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._pending: list[tuple[int, int]] = []
         self.live = 0
+        self.writers = 0
+        """Live views that can write."""
+        _trackers.add(self)
 
     def view(self, address: int, length: int, *, readonly: bool) -> memoryview:
         """A memoryview of ``[address, address+length)``, tracked until it dies."""
         array = _libc.memory_at(address, length)
         with self._lock:
             self.live += 1
-        weakref.finalize(array, self._view_died)
+            self.writers += not readonly
+        weakref.finalize(array, self._view_died, not readonly)
         view = memoryview(array).cast("B")
         return view.toreadonly() if readonly else view
 
@@ -61,9 +65,10 @@ class ViewTracker:
             self._pending.append((address, length))
             return True
 
-    def _view_died(self) -> None:
+    def _view_died(self, writer: bool) -> None:
         with self._lock:
             self.live -= 1
+            self.writers -= writer
             if self.live:
                 return
             pending, self._pending = self._pending, []
@@ -73,3 +78,15 @@ class ViewTracker:
             except OSError:  # pragma: no cover - only ENOMEM at max_map_count; keep it reserved
                 with self._lock:
                     self._pending.append((address, length))
+
+
+_trackers: weakref.WeakSet[ViewTracker] = weakref.WeakSet()
+
+
+def renew_locks_after_fork() -> None:
+    """In a forked child, first thing: a thread that held a tracker's lock at fork is not
+    in the child, so every tracker gets a fresh lock (``devanon.forking`` calls this before
+    its own hooks need them). At worst that thread was between two steps of
+    ``_view_died``; then a quarantined range stays reserved in the child."""
+    for tracker in list(_trackers):
+        tracker._lock = threading.RLock()

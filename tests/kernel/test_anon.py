@@ -214,6 +214,30 @@ def test_map_over_a_mapping_with_live_views_is_refused() -> None:
         mem.map(4 * PS, 4 * PS, address=m.address).close()
 
 
+def test_a_read_only_overlay_under_live_writable_views_is_refused(tmp_path: Path) -> None:
+    image = tmp_path / "page.img"
+    image.write_bytes(b"o" * PS)
+    with devanon.Anon(4 * PS) as mem:
+        m = mem.map(0, 4 * PS)
+        m.view()[:] = b"g" * 4 * PS
+        view = m.view()
+        with pytest.raises(BufferError, match="writable views"):
+            mem.overlay(m.address + PS, image, 0, PS)  # a write through view would SIGSEGV
+        assert oracle.maps_counts(mem.fd, PS) == {0: 1, 1: 1, 2: 1, 3: 1}
+        assert bytes(view[PS : PS + 2]) == b"gg"
+        mem.overlay(m.address + PS, image, 0, PS, writable=True).release()  # writes: copies
+        with mem.overlay(m.address + PS, image, 0, PS, under_writable_views=True):
+            assert bytes(view[PS : PS + 2]) == b"oo"  # the caller's promise: only reads
+        del view
+        with mem.overlay(m.address, image, 0, PS):
+            overlaid = m.view()
+            assert overlaid.readonly  # a view made while it lies there cannot write
+            assert bytes(overlaid[:2]) == b"oo"
+            del overlaid
+        assert not m.view().readonly
+        m.close()
+
+
 def test_view_of_a_partly_unmapped_mapping_is_refused() -> None:
     with devanon.Anon(8 * PS) as mem:
         m = mem.map(0, 4 * PS)

@@ -393,3 +393,52 @@ def test_forks_from_several_threads_or_a_signal_handler_do_not_hang(script: str)
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("no hang"), done.stdout + done.stderr
+
+
+_VIEW_LOCK_HELD_AT_FORK = """
+import os, threading, time
+import devanon
+
+mem = devanon.Anon(1 << 16)
+m = mem.map(0, 1 << 16)
+view = m.view()
+gate, done = threading.Event(), threading.Event()
+def holder():
+    with m._views._lock:  # as a view dying in this thread at the moment of fork would
+        gate.set()
+        done.wait()
+t = threading.Thread(target=holder)
+t.start()
+gate.wait()
+pid = os.fork()  # the child quarantines the mapping it does not inherit: the tracker's lock
+if pid == 0:
+    del view
+    os._exit(0)
+for _ in range(500):
+    if os.waitpid(pid, os.WNOHANG)[0]:
+        print("child done")
+        break
+    time.sleep(0.01)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    print("child hung")
+done.set()
+t.join()
+"""
+
+
+def test_a_view_lock_held_by_another_thread_at_fork_does_not_hang_the_child() -> None:
+    """A thread holds a mapping's view lock at fork (a view dying there): the child, which
+    quarantines that mapping (not inherited, views alive), still gets the lock."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", _VIEW_LOCK_HELD_AT_FORK],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert out.stdout.strip() == "child done", out.stderr

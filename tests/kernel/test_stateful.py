@@ -20,7 +20,8 @@ Views (``Mapping.view()``) are either made for one write and released at once, o
 across steps (``keep_view``, at most two): while one lives, its mapping cannot be mapped
 over (BufferError), and the pieces of it that are unmapped are quarantined, so the stale
 view reads zeros there and its writes reach neither the Anon nor anything else
-(DESIGN invariant 5).
+(DESIGN invariant 5). A read-only overlay is refused under a live writable view, and a view
+made while a read-only overlay lies on its mapping is read-only (a write there would fault).
 """
 
 from __future__ import annotations
@@ -207,6 +208,12 @@ class AnonMachine(RuleBasedStateMachine):
         address, n = self.slots[keys[0]].address, len(keys)
         file_page = data.draw(st.integers(0, FILE_PAGES - n), label="file page")
         file = self.file_path if by_path else self.file_fd
+        writers = {v.mapping for v in self.views if not v.view.readonly}
+        if not writable and any(self.slots[k].mapping in writers for k in keys):
+            event("read-only overlay under a live writable view: refused")
+            with pytest.raises(BufferError, match="writable views"):
+                self.anon.overlay(address, file, file_page * PS, n * PS)
+            return
         o = self.anon.overlay(address, file, file_page * PS, n * PS, writable=writable)
         self.overlays.append(o)
         for i, key in enumerate(keys):
@@ -256,7 +263,12 @@ class AnonMachine(RuleBasedStateMachine):
         m = data.draw(st.sampled_from(self.whole_mappings()), label="mapping")
         keys = sorted(k for k, s in self.slots.items() if s.mapping is m)
         stale = next((v.stale for v in self.views if v.mapping is m), {})
-        self.views.append(KeptView(m, m.view(), keys, stale))
+        view = m.view()
+        read_only_overlay = any(
+            s.overlay and not s.overlay_writable for s in self.slots.values() if s.mapping is m
+        )
+        assert view.readonly == (not m.writable or read_only_overlay)
+        self.views.append(KeptView(m, view, keys, stale))
 
     @precondition(lambda self: self.views)
     @rule(data=st.data())
@@ -264,11 +276,11 @@ class AnonMachine(RuleBasedStateMachine):
         kept = self.views.pop(data.draw(st.integers(0, len(self.views) - 1), label="view"))
         kept.view.release()
 
-    @precondition(lambda self: any(v.mapping.writable for v in self.views))
+    @precondition(lambda self: any(not v.view.readonly for v in self.views))
     @rule(data=st.data())
     def write_stale_view(self, data: st.DataObject) -> None:
         """Write through a kept view where its mapping was unmapped: into the quarantine."""
-        kept = data.draw(st.sampled_from([v for v in self.views if v.mapping.writable]))
+        kept = data.draw(st.sampled_from([v for v in self.views if not v.view.readonly]))
         gone = [i for i, k in enumerate(kept.keys) if k not in self.slots]
         if not gone:
             return
@@ -316,6 +328,12 @@ class AnonMachine(RuleBasedStateMachine):
             except ValueError:  # a piece of it is gone: no view of it
                 event("view refused: mapping not whole")
             else:
+                if view.readonly:  # a read-only overlay lies on another piece of it
+                    event("view read-only: a read-only overlay on the mapping")
+                    view.release()
+                    del view
+                    ctypes.memmove(address, content, PS)
+                    return
                 try:
                     start = address - mapping.address
                     view[start : start + PS] = content

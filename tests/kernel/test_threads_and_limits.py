@@ -12,7 +12,7 @@ from pathlib import Path
 
 import oracle
 import pytest
-from support import needs_root
+from support import data_pages, needs_root
 
 import devanon
 
@@ -109,3 +109,61 @@ def test_max_map_count_is_a_clear_error_that_changes_nothing(
             o.release()
         guest.close()
         assert mem.resident_bytes() == 0
+
+
+@needs_root
+def test_a_close_refused_at_max_map_count_punches_what_it_dropped(
+    sysctl: Callable[[str, int], None], tmp_path: Path
+) -> None:
+    image = tmp_path / "page.img"
+    image.write_bytes(b"o" * PS)
+    mem = devanon.Anon(16 * PS)
+    base = mem.map(12 * PS, 4 * PS)
+    mem.unmap(base.address + PS, PS)  # two pieces: close() takes them one at a time
+    first = mem.map(8 * PS, PS, address=base.address)
+    second = mem.map(0, 2 * PS, address=base.address + 2 * PS)
+    first.view()[:] = b"z" * PS
+    second.view()[:] = b"g" * 2 * PS
+    views = [first.view(), second.view()]  # live: close() must quarantine, which can split
+    # An overlay laid and released leaves ``second`` as two pieces of one VMA.
+    mem.overlay(second.address + PS, image, 0, PS, under_writable_views=True).release()
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    gc.disable()
+    try:
+        with open("/proc/self/maps") as f:  # every VMA but [vsyscall]: no split is left
+            sysctl("vm.max_map_count", sum(1 for line in f if "[vsyscall]" not in line))
+        with pytest.raises(OSError, match="max_map_count"):
+            mem.close()
+    finally:
+        sysctl("vm.max_map_count", limit)
+        gc.enable()
+    try:
+        assert not mem.closed
+        size = 16 * PS
+        kernel = oracle.maps_counts(mem.fd, PS)
+        assert {p: mem.map_count(p * PS) for p in range(16)} == {
+            p: kernel.get(p, 0) for p in range(16)
+        }
+        counted = {p for p in range(16) if kernel.get(p)}
+        assert data_pages(mem.fd, size, PS) <= counted  # what close() dropped was punched
+        again = mem.map(10 * PS, PS)
+        again.view()[:] = b"x" * PS
+        again.close()
+        assert 10 not in data_pages(mem.fd, size, PS)  # and punching goes on
+    finally:
+        views.clear()
+        mem.close()
+    assert mem.closed
+
+
+def test_an_anon_dropped_without_close_gives_its_mappings_back() -> None:
+    def forget() -> int:
+        mem = devanon.Anon(64 * PS, name="dropped")
+        m = mem.map(0, 64 * PS)
+        m.view()[:] = b"x" * 64 * PS
+        return mem.fd
+
+    forget()
+    gc.collect()  # the Anon and its mappings form a cycle
+    with open("/proc/self/maps") as f:
+        assert not [line for line in f if "/memfd:dropped " in line]
