@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import os
 from typing import Final
 
@@ -74,6 +75,16 @@ _mincore = _libc.mincore
 _mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _mincore.restype = ctypes.c_int
 
+_getsockopt = _libc.getsockopt
+_getsockopt.argtypes = [
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_void_p,
+    ctypes.POINTER(ctypes.c_uint32),
+]
+_getsockopt.restype = ctypes.c_int
+
 _memmove = ctypes.memmove
 
 
@@ -109,6 +120,19 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2)."""
     if _fallocate(fd, mode, offset, length) != 0:
         raise _fail(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
+
+
+def getsockopt(fd: int, level: int, option: int, room: int) -> tuple[bytes, int]:
+    """getsockopt(2) with ``room`` bytes for the value (``socket.getsockopt`` takes at most
+    1,024): ``(value, 0)``, or ``(b"", needed)`` where the kernel answers ERANGE and says
+    how many bytes it needs."""
+    out = ctypes.create_string_buffer(room)
+    size = ctypes.c_uint32(room)
+    if _getsockopt(fd, level, option, out, ctypes.byref(size)) == 0:
+        return out.raw[: size.value], 0
+    if ctypes.get_errno() == errno.ERANGE and size.value > room:
+        return b"", size.value
+    raise _fail(f"getsockopt(fd={fd}, level={level}, option={option}, room={room})")
 
 
 def mincore(address: int, length: int, page_size: int) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import json
@@ -256,6 +257,75 @@ def test_another_uid_gets_what_the_mode_allows(daemon: Served) -> None:
         private.close()
 
 
+_SYSCALLS_X86_64 = {"setgroups": 116, "setresuid": 117, "setresgid": 119}
+
+
+def _become_in_this_thread_alone(uid: int, gid: int, groups: list[int]) -> None:
+    """Change the calling thread's credentials only: the raw system calls (glibc's
+    wrappers, and so os.setuid, change every thread's)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    array = (ctypes.c_uint * max(1, len(groups)))(*groups)
+    for call, args in (
+        ("setgroups", (len(groups), array)),
+        ("setresgid", (gid, gid, gid)),
+        ("setresuid", (uid, uid, uid)),
+    ):
+        if libc.syscall(_SYSCALLS_X86_64[call], *args) != 0:
+            raise OSError(ctypes.get_errno(), call)
+
+
+def _open_from_threads(conn: Connection, path: str) -> None:
+    """The process (its main thread) is in group 0; threads that are not try to read."""
+    os.setgroups([0])
+    results: dict[str, str] = {}
+
+    def attempt(label: str, groups: list[int]) -> None:
+        _become_in_this_thread_alone(65534, 65534, groups)
+        with connect(path) as client:
+            try:
+                client.open("group-only", writable=False).close()
+                results[label] = "opened"
+            except PermissionError as e:
+                results[label] = str(e)
+
+    for label, groups in (("no groups", []), ("group 0", [0])):
+        thread = threading.Thread(target=attempt, args=(label, groups))
+        thread.start()
+        thread.join()
+    conn.send(results)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="x86-64 system call numbers")
+def test_the_groups_that_count_are_those_the_client_connected_with(daemon: Served) -> None:
+    """The daemon takes a client's groups from its socket (SO_PEERGROUPS), as it takes its
+    uid: not from /proc/PID/status, which shows the main thread's (a thread may differ)."""
+    with connect(daemon.socket) as client:
+        obj = client.open("group-only", PS, create=True, mode=0o640)  # group 0 may read
+        proc, conn = worker(_open_from_threads, daemon.socket)
+        results = conn.recv()
+        proc.join(10)
+        assert "may not read 'group-only'" in results["no groups"]
+        assert results["group 0"] == "opened"
+        obj.close()
+
+
+def test_names_of_the_longest_lengths_work(daemon: Served) -> None:
+    """Any name of up to 255 bytes: the memfd's label, which the kernel caps at 249
+    bytes, is cut (at a whole character), the name is not."""
+    names = ["n" * wire.MAX_NAME, "é" * 127 + "n"]  # 255 bytes each; é is two
+    with connect(daemon.socket) as client:
+        for name in names:
+            assert len(name.encode()) == wire.MAX_NAME
+            obj = client.open(name, 2 * PS, create=True)
+            with obj.map(0, PS) as m:
+                m.view()[:4] = b"long"
+                assert obj.map_count(0) == 1 and client.verify(name) == []
+            assert obj.resident_bytes() == 0
+            obj.close()
+        assert sorted(o["name"] for o in client.stat()) == sorted(names)
+
+
 def test_unlink_while_mapped_keeps_the_memory_until_the_last_user(daemon: Served) -> None:
     with connect(daemon.socket) as client:
         obj = client.open("doomed", 4 * PS, create=True)
@@ -399,6 +469,20 @@ def test_a_live_daemon_is_not_replaced_and_a_stale_socket_is(socket_dir: Path) -
     stale.close()
     served = start_daemon(str(path))
     assert served.stop() == 0
+
+
+def test_serve_never_replaces_a_file_that_is_not_a_socket(socket_dir: Path) -> None:
+    path = socket_dir / "not-a-socket"
+    path.write_text("precious")
+    refused = subprocess.run(
+        [sys.executable, "-m", "devanon.cli", "serve", "--socket", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert refused.returncode == 1 and str(path) in refused.stderr
+    assert "not a socket" in refused.stderr
+    assert path.read_text() == "precious"
 
 
 def _raw(path: str) -> socket.socket:
@@ -551,6 +635,50 @@ def test_forked_children_inherit_only_what_is_registered(daemon: Served) -> None
         os.waitpid(pid, 0)
         assert wait_for(lambda: obj.map_count(0) == 0)
         assert obj.resident_bytes() == 0
+        obj.close()
+
+
+def test_verify_counts_a_forked_childs_copy_once_when_the_child_is_a_client(
+    daemon: Served,
+) -> None:
+    """A child that inherited a mapping (pinned for it) and maps the object itself is a
+    client: its maps, which verify reads, show the inherited copy, so the pin does not
+    count it again (the pin holds for the child's children too: one count for them all)."""
+    with connect(daemon.socket) as client:
+        obj = client.open("forked", 4 * PS, create=True)
+        kept = obj.map(0, PS, inherit=True)
+        kept.view()[:1] = b"k"
+        ready_r, ready_w = os.pipe()
+        done_r, done_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.close(ready_r)
+                os.close(done_w)
+                own = obj.map(PS, PS)  # the child's own: it becomes a client
+                grandchild = os.fork()  # inherits page 0, and the pipe's write end
+                if grandchild == 0:
+                    os.read(done_r, 1)
+                    os._exit(0)
+                os.write(ready_w, b"r")
+                os.read(done_r, 1)
+                own.close()
+                os.waitpid(grandchild, 0)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(ready_w)
+        os.close(done_r)
+        assert os.read(ready_r, 1) == b"r"
+        assert obj.map_count(0) == 2 and obj.map_count(PS) == 1  # ours, and the pin
+        assert client.verify("forked") == []
+        os.write(done_w, b"dd")
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+        assert wait_for(lambda: obj.map_count(0) == 1) and client.verify("forked") == []
+        for fd in (ready_r, done_w):
+            os.close(fd)
+        kept.close()
         obj.close()
 
 
@@ -773,6 +901,32 @@ def test_a_pin_whose_lifeline_is_no_pipe_is_refused_and_pins_nothing(
         obj.close()
 
 
+def test_a_pin_whose_lifeline_would_never_read_eof_is_refused_and_pins_nothing(
+    daemon: Served, tmp_path: Path
+) -> None:
+    """A lifeline the daemon could write to never reads EOF (the daemon itself holds a
+    writer): a pipe's write end, or its read end reopened read-write, would pin forever.
+    So would a named FIFO that no writer ever opened (it never polls readable)."""
+    with connect(daemon.socket) as client:
+        obj = client.open("pinned", 4 * PS, create=True)
+        m = obj.map(0, PS)
+        m.view()[0] = 1
+        read_end, write_end = os.pipe()
+        both = os.open(f"/proc/self/fd/{read_end}", os.O_RDWR)  # the same pipe, read-write
+        os.mkfifo(tmp_path / "fifo")
+        fifo = os.open(tmp_path / "fifo", os.O_RDONLY | os.O_NONBLOCK)
+        for lifeline, why in ((write_end, "read-only"), (both, "read-only"), (fifo, "FIFO")):
+            with pytest.raises(OSError, match=why) as refused:
+                client.call(wire.Op.PIN, wire.pack_ranges(obj._handle, [(0, PS)]), [lifeline])
+            assert refused.value.errno == errno.EPROTO
+        for fd in (read_end, write_end, both, fifo):
+            os.close(fd)
+        assert obj.map_count(0) == 1 and client.stat("pinned")[0]["pinned_children"] == 0
+        m.close()
+        assert obj.resident_bytes() == 0
+        obj.close()
+
+
 def _create_shut_out(conn: Connection, path: str) -> None:
     os.setgroups([])
     os.setgid(65534)
@@ -883,6 +1037,47 @@ def test_a_client_cannot_make_the_daemons_memory_its_own(daemon: Served) -> None
         obj.close()  # its last handle: every count it held goes
         (info,) = other.stat("greedy")
         assert info["mapped_bytes"] == 0 and info["count_runs"] == 1
+
+
+def test_unmaps_that_split_runs_cannot_make_the_daemons_memory_their_own(daemon: Served) -> None:
+    """One MAP of everything, then one-page UNMAPs in its middle: each splits a run in
+    three. Past the client's cap they are refused (ENOMEM, naming the object and the cap)
+    as MAPs are, and change nothing; an unmap that splits nothing still goes through."""
+    from devanon.broker import objects
+    from devanon.counts import DENSE_CHUNK
+
+    per_chunk = 120  # holes a chunk: its runs stay runs (a chunk turns dense past 256)
+    chunks = (objects.MAX_CLIENT_RUNS // 2 + 2 * wire.MAX_RANGES) // per_chunk
+    holes = [(c * DENSE_CHUNK + 2 * j + 1) * PS for c in range(chunks) for j in range(per_chunk)]
+    with connect(daemon.socket) as client, connect(daemon.socket) as other:
+        obj = client.open("holes", chunks * DENSE_CHUNK * PS, create=True)
+        client.call(wire.Op.MAP, wire.pack_ranges(obj._handle, [(0, obj.size)]))
+        held = other.open("holes")  # all of it too: no hole falls to 0 (nothing to punch)
+        other.call(wire.Op.MAP, wire.pack_ranges(held._handle, [(0, obj.size)]))
+        done = 0
+        with pytest.raises(OSError) as refused:
+            while done < len(holes):  # never reached: refused first
+                batch = holes[done : done + wire.MAX_RANGES]
+                client.call(wire.Op.UNMAP, wire.pack_ranges(obj._handle, [(h, PS) for h in batch]))
+                done += len(batch)
+        assert refused.value.errno == errno.ENOMEM
+        assert "'holes'" in str(refused.value)
+        assert str(objects.MAX_CLIENT_RUNS) in str(refused.value)
+        assert obj.map_count(holes[done - 1]) == 1 and obj.map_count(holes[done]) == 2  # undone
+        with pytest.raises(OSError) as one:  # one range at a time (the hot path): to the cap
+            for hole in holes[done:]:
+                client.call(wire.Op.UNMAP, wire.pack_ranges(obj._handle, [(hole, PS)]))
+                done += 1
+        assert one.value.errno == errno.ENOMEM and "'holes'" in str(one.value)
+        (info,) = client.stat("holes")
+        assert objects.MAX_CLIENT_RUNS - 2 < info["count_runs"] <= objects.MAX_CLIENT_RUNS
+        assert obj.map_count(holes[done - 1]) == 1 and obj.map_count(holes[done]) == 2
+        client.call(wire.Op.UNMAP, wire.pack_ranges(obj._handle, [(0, holes[0])]))  # merges
+        assert obj.map_count(0) == 1
+        obj.close()  # its last handle: every count it held goes
+        (info,) = client.stat("holes")
+        assert info["mapped_bytes"] == obj.size and info["count_runs"] == 1  # the other's
+        held.close()
 
 
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])

@@ -11,9 +11,10 @@ import errno
 import fcntl
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from devanon.counts import MapCounts, PageRange
+from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
 from devanon.mapper import PAGE_SIZE
 from devanon.punch import punch_pages
 
@@ -28,6 +29,10 @@ MAX_CLIENT_DENSE = 1 << 12
 """Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
 MAX_PINNED_RANGES = 1 << 18
 """Ranges pinned for forked children of one object, over all pins."""
+MEMFD_LABEL_MAX = 249
+"""Bytes of a memfd's name the kernel takes (NAME_MAX less its "memfd:"): more is EINVAL."""
+_DROP_WINDOW = 64 * DENSE_CHUNK
+"""Pages of a client's counts dropped at a time, last first (``drop``)."""
 
 
 @dataclass(slots=True)
@@ -62,7 +67,7 @@ class SharedObject:
     def __post_init__(self) -> None:
         self.counts = MapCounts(self.size // self.page_size)
         if self.fd < 0:
-            fd = os.memfd_create(f"devanon:{self.name}", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            fd = os.memfd_create(memfd_label(self.name), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             try:
                 # A memfd's inode is mode 0777: anyone holding a read-only descriptor could
                 # reopen /proc/self/fd/N for writing. 0600 leaves that to the daemon alone.
@@ -127,12 +132,34 @@ class SharedObject:
             holder.nruns() + 2 * nranges > MAX_CLIENT_RUNS
             or holder.ndense() + nranges > MAX_CLIENT_DENSE
         ):
-            raise OSError(
-                errno.ENOMEM,
-                f"this client's counts of {self.name!r} take {holder.nruns()} runs and "
-                f"{holder.ndense()} dense chunks: more than the daemon keeps for one client "
-                f"({MAX_CLIENT_RUNS} and {MAX_CLIENT_DENSE}); unmap first",
+            raise self._too_many(
+                f"this client's counts of {self.name!r} take", holder, "unmap first"
             )
+
+    def _split_too_far(self, holder: MapCounts, runs: int, dense: int) -> OSError | None:
+        """ENOMEM if an unmap took ``holder`` from ``runs`` runs and ``dense`` dense chunks
+        past what the daemon keeps for one client (an unmap inside a run splits it in
+        three): the caller undoes it. Refusing only over-counts, until the client lets go."""
+        now_runs, now_dense = holder.nruns(), holder.ndense()
+        if (now_runs > MAX_CLIENT_RUNS and now_runs > runs) or (
+            now_dense > MAX_CLIENT_DENSE and now_dense > dense
+        ):
+            return self._too_many(
+                f"this unmap would split this client's counts of {self.name!r} into",
+                holder,
+                "unmap whole mapped ranges (these pages stay counted until the client "
+                "closes the object)",
+            )
+        return None
+
+    @staticmethod
+    def _too_many(what: str, holder: MapCounts, remedy: str) -> OSError:
+        """ENOMEM: ``what`` ``holder``'s figures, past the cap, and what to do."""
+        return OSError(
+            errno.ENOMEM,
+            f"{what} {holder.nruns()} runs and {holder.ndense()} dense chunks: more than the "
+            f"daemon keeps for one client ({MAX_CLIENT_RUNS} and {MAX_CLIENT_DENSE}); {remedy}",
+        )
 
     def map_one(self, client: int, first: int, last: int) -> None:
         holder = self.holders.get(client)
@@ -143,14 +170,20 @@ class SharedObject:
 
     def unmap_one(self, client: int, first: int, last: int) -> None:
         """Drop one range of ``client``'s counts (ValueError, changing nothing, if it does
-        not hold it) and punch what falls to zero."""
+        not hold it; OSError(ENOMEM), changing nothing, if that would split them past the
+        cap) and punch what falls to zero."""
         holder = self.holders.get(client)
         if holder is None:
             raise ValueError(f"this client maps nothing of {self.name!r}")
+        runs, dense = holder.nruns(), holder.ndense()
         try:
             holder.remove(first, last)
         except ValueError as e:
             raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
+        refused = self._split_too_far(holder, runs, dense)
+        if refused is not None:
+            holder.add(first, last)
+            raise refused
         zeros = self.counts.remove(first, last)
         if zeros:
             self.punch(zeros)
@@ -160,19 +193,24 @@ class SharedObject:
             self.map_one(client, first, last)
 
     def unmap(self, client: int, ranges: list[PageRange]) -> None:
-        """Drop ``client``'s counts; ValueError (changing nothing) if it does not hold them."""
+        """Drop ``client``'s counts; ValueError (changing nothing) if it does not hold them,
+        OSError(ENOMEM) (changing nothing) if that would split them past the cap."""
         holder = self.holders.get(client)
         if holder is None:
             raise ValueError(f"this client maps nothing of {self.name!r}")
+        runs, dense = holder.nruns(), holder.ndense()
         done: list[PageRange] = []
         try:
             for first, last in ranges:
                 holder.remove(first, last)
                 done.append((first, last))
         except ValueError as e:
-            for first, last in done:
-                holder.add(first, last)
+            _add_back(holder, done)
             raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
+        refused = self._split_too_far(holder, runs, dense)
+        if refused is not None:
+            _add_back(holder, done)
+            raise refused
         zeros: list[PageRange] = []
         for first, last in ranges:
             zeros += self.counts.remove(first, last)
@@ -189,7 +227,7 @@ class SharedObject:
         if holder is None:
             return
         zeros: list[PageRange] = []
-        for first, last, n in holder.runs():
+        for first, last, n in _runs_last_first(holder):
             if n:
                 zeros += self.counts.remove(first, last, n)
         self.punch(zeros)
@@ -264,6 +302,32 @@ class SharedObject:
             "unlinked": self.unlinked,
             "pinned_children": len(self.pins),
         }
+
+
+def memfd_label(name: str) -> str:
+    """The memfd's name for object ``name`` (in /proc/PID/fd and maps): ``devanon:`` and
+    the name, cut at a whole character to what the kernel takes. Only a label: the
+    daemon knows its objects by their names, which may be 255 bytes."""
+    return f"devanon:{name}".encode()[:MEMFD_LABEL_MAX].decode("utf-8", "ignore")
+
+
+def _add_back(holder: MapCounts, ranges: list[PageRange]) -> None:
+    """Undo the removal of ``ranges`` from ``holder``."""
+    for first, last in ranges:
+        holder.add(first, last)
+
+
+def _runs_last_first(counts: MapCounts) -> Iterator[tuple[int, int, int]]:
+    """``counts``'s runs, the last first (a window of pages at a time, so a client's
+    per-page counts never all become objects at once). Taken off an object's counts in
+    this order, each removal works near the end of its arrays; the first first, each
+    would move every run after it (15 s of the daemon's time for a client at its cap
+    of runs, instead of 1)."""
+    stop = counts.npages
+    while stop > 0:
+        start = max(0, stop - _DROP_WINDOW)
+        yield from reversed(list(counts.runs(start, stop)))
+        stop = start
 
 
 def no_such(name: str) -> OSError:

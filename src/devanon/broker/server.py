@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import grp
 import json
 import logging
@@ -29,14 +30,15 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from devanon.broker import protocol as wire
 from devanon.broker import ring as rings
+from devanon.broker.credentials import peer_groups
 from devanon.broker.crowding import CrowdWatch
 from devanon.broker.objects import READ, WRITE, SharedObject, no_such
-from devanon.broker.verify import add_maps_of
+from devanon.broker.verify import add_maps_of, pipes_written_by
 from devanon.counts import MapCounts
 
 log = logging.getLogger("devanon.broker")
@@ -73,19 +75,9 @@ class Peer:
     ring: rings.DaemonRing | None = None
     ring_used: float = 0.0
     """When the daemon last found requests in the ring (``time.monotonic``)."""
-
-
-def peer_groups(pid: int, gid: int) -> set[int]:
-    """The primary and supplementary groups of a process (SO_PEERCRED has only the first)."""
-    groups = {gid}
-    try:
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    groups.update(int(g) for g in line.split()[1:])
-    except OSError:
-        pass
-    return groups
+    wake_owed: bool = False
+    """A ring reply went to a client asleep waiting for one: a WAKE is sent when the pass
+    over its ring is done (one a pass, however many replies)."""
 
 
 def default_socket_path() -> str:
@@ -161,16 +153,7 @@ class Daemon:
     def _listen(path: str, mode: int, group: str | None) -> socket.socket:
         _raise_descriptor_limit()
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-        if os.path.exists(path):
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            try:
-                probe.connect(path)
-            except OSError:
-                os.unlink(path)  # stale: nobody answers
-            else:
-                raise DaemonRunning(errno.EADDRINUSE, f"a devanon daemon already serves {path}")
-            finally:
-                probe.close()
+        _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old_umask = os.umask(0o177)
         try:
@@ -321,6 +304,9 @@ class Daemon:
                 self._protocol_error(peer, op, seq, f"op {op} does not go through a ring")
             if peer.ring is None:  # cut off
                 return
+        if peer.wake_owed:
+            peer.wake_owed = False
+            self._send_wake(peer)
 
     def _run(self, fd: int, action: Callable[[], None]) -> None:
         """Run what a readable descriptor calls for. A bug there must not take the daemon
@@ -382,11 +368,13 @@ class Daemon:
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
         try:
+            groups = peer_groups(sock, pid, gid)
             pidfd = _peer_pidfd(sock, pid)
-        except OSError:
-            sock.close()  # gone already
+        except OSError as e:
+            log.warning("cannot take client pid %d: %s", pid, e.strerror)
+            sock.close()  # gone already, most likely
             return
-        peer = Peer(self._next_peer, sock, pid, uid, gid, peer_groups(pid, gid), pidfd)
+        peer = Peer(self._next_peer, sock, pid, uid, gid, groups, pidfd)
         self._next_peer += 1
         self.peers[peer.id] = peer
         try:
@@ -455,9 +443,14 @@ class Daemon:
         length: int,
         ring: rings.DaemonRing | None,
     ) -> bool:
-        """The hot path: MAP or UNMAP of one range, from the socket or from ``ring``. A MAP
-        is answered as soon as it is known to be valid (counting it cannot fail), so the
-        client's wait does not include the bookkeeping. Returns True if it replied."""
+        """The hot path: MAP or UNMAP of one range, from the socket or from ``ring``.
+        Returns True if it replied.
+
+        A MAP is answered as soon as it is known to be valid (counting it cannot fail),
+        so the client's wait does not include the bookkeeping. Nothing runs between the
+        yes and the count: a yes that cannot be sent, or finds no room in the ring, cuts
+        the client off without it, and a WAKE is sent only after the pass
+        (``_serve_ring``)."""
         obj = peer.handles.get(handle)
         try:
             if obj is None:
@@ -507,12 +500,25 @@ class Daemon:
     def _ring_reply(
         self, peer: Peer, ring: rings.DaemonRing, op: int, status: int, seq: int
     ) -> None:
+        """Post a reply in the ring; if the client sleeps waiting for one, it is owed a
+        WAKE, sent once the pass over the ring is done (``_serve_ring``)."""
         wake = ring.reply(op, status, seq)
         if wake is None:
             log.warning("client %d (pid %d) cut off: it reads no ring replies", peer.id, peer.pid)
             self._disconnect(peer)
         elif wake:
-            self._send(peer, _WAKE_REPLY)
+            peer.wake_owed = True
+
+    def _send_wake(self, peer: Peer) -> None:
+        """Wake a client asleep on its socket for a ring reply. A socket with no room
+        for the WAKE is no error: the client has messages there it has not read, and
+        the first of them wakes it (it then looks at the ring)."""
+        try:
+            peer.sock.send(_WAKE_REPLY)
+        except BlockingIOError:
+            pass
+        except OSError:  # gone
+            self._disconnect(peer)
 
     def _handle(self, peer: Peer, req: wire.Request, fds: list[int]) -> None:
         err: tuple[int, str] | None = None
@@ -815,9 +821,11 @@ class Daemon:
         }
         for pid, pidfd in procs.items():  # each process once
             add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
+        shown = _pins_shown(obj, procs)
         for pin in obj.pins:  # forked children: counted, but not clients we can read
-            for first, last in pin.ranges:
-                kernel.add(first, last)
+            if pin.lifeline not in shown:
+                for first, last in pin.ranges:
+                    kernel.add(first, last)
         diffs = (
             json.dumps(
                 {
@@ -841,8 +849,7 @@ class Daemon:
             raise wire.ProtocolError(f"PIN carries one lifeline descriptor, not {len(fds)}")
         pages = obj.pages(ranges)
         lifeline = fds[0]
-        if not stat.S_ISFIFO(os.fstat(lifeline).st_mode):
-            raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe")
+        _check_lifeline(lifeline)
         os.set_blocking(lifeline, False)
         obj.pin(lifeline, pages)  # may refuse (ENOMEM): then nothing is watched
         try:
@@ -925,6 +932,47 @@ SO_PEERPIDFD = 77
 """getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
 
 
+def _pins_shown(obj: SharedObject, procs: dict[int, int]) -> set[int]:
+    """The lifelines of ``obj``'s pins whose forked child (or a descendant: one pin counts
+    them all) is among ``procs`` (pid: pidfd), the clients whose maps VERIFY reads: it
+    holds the pipe's write end. Their maps show the copy the pin counts: not twice."""
+    if not obj.pins:
+        return set()
+    pipes = {pin.lifeline: os.fstat(pin.lifeline).st_ino for pin in obj.pins}
+    written: set[int] = set()
+    for pid, pidfd in procs.items():
+        written |= pipes_written_by(pid, set(pipes.values()), pidfd)
+    return {lifeline for lifeline, pipe in pipes.items() if pipe in written}
+
+
+def _check_lifeline(fd: int) -> None:
+    """ProtocolError unless ``fd`` is the read end of a pipe (os.pipe), open read-only.
+
+    A lifeline must read EOF once the child and its descendants are gone. Open for writing
+    (a pipe's write end, or its read end reopened read-write through /proc/self/fd), the
+    daemon itself would hold a writer, so it never would. A named FIFO that no writer ever
+    opened never polls readable either: the kernel reports its EOF only once a writer came."""
+    st = os.fstat(fd)
+    if not stat.S_ISFIFO(st.st_mode) or st.st_dev != _pipefs_device():
+        raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe (not a named FIFO)")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        raise wire.ProtocolError(
+            "a PIN's lifeline is a pipe's read end open read-only: open for writing, it "
+            "would never read EOF"
+        )
+
+
+@cache
+def _pipefs_device() -> int:
+    """``st_dev`` of every pipe made by pipe(2) (they live in the kernel's pipefs)."""
+    r, w = os.pipe()
+    try:
+        return os.fstat(r).st_dev
+    finally:
+        os.close(r)
+        os.close(w)
+
+
 def _listed_within(parts: Iterable[str], room: int) -> bytes:
     """A JSON list of the first of ``parts`` (JSON texts, each within ``room``) that fit in
     ``room`` bytes with their commas: one page of a listing; the next begins where it ends."""
@@ -952,6 +1000,35 @@ def _peer_pidfd(sock: socket.socket, pid: int) -> int:
         return os.pidfd_open(pid)
     os.set_inheritable(fd, False)
     return int(fd)
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Make room for the daemon's socket at ``path``: a socket nobody listens on is a dead
+    daemon's, and goes. A daemon that answers there is DaemonRunning; anything else (a
+    file, a directory, a symlink, a socket that refuses us otherwise) is not ours to
+    remove: FileExistsError naming the path."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(
+            errno.EEXIST, f"{path} exists and is not a socket: not replacing it with the daemon's"
+        )
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: nobody listens
+    except OSError as e:
+        raise FileExistsError(
+            errno.EEXIST,
+            f"{path} is a socket the daemon cannot probe ({e.strerror}): not replacing it",
+        ) from None
+    else:
+        raise DaemonRunning(errno.EADDRINUSE, f"a devanon daemon already serves {path}")
+    finally:
+        probe.close()
 
 
 def _raise_descriptor_limit() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 
 from devanon.counts import MapCounts
 
@@ -41,3 +42,30 @@ def add_maps_of(
         last = min(first + (end - start) // page_size, into.npages)
         if first < last:
             into.add(first, last)
+
+
+def pipes_written_by(pid: int, pipes: set[int], pidfd: int | None = None) -> set[int]:
+    """Which of ``pipes`` (by inode) ``pid`` holds open for writing. The permission bits
+    of a /proc/PID/fd link are its descriptor's open mode (``w``: open for writing). A
+    process that is gone (or, with its ``pidfd``, whose pid was taken) holds none."""
+    held: set[int] = set()
+    where = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(where)
+    except OSError:
+        return held
+    for name in names:
+        try:
+            link = os.readlink(f"{where}/{name}")
+            if not link.startswith("pipe:[") or int(link[6:-1]) not in pipes:
+                continue
+            if os.lstat(f"{where}/{name}").st_mode & stat.S_IWUSR:
+                held.add(int(link[6:-1]))
+        except OSError:
+            continue  # closed meanwhile
+    if pidfd is not None:
+        try:
+            signal.pidfd_send_signal(pidfd, 0)
+        except ProcessLookupError:
+            return set()
+    return held
