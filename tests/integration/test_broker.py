@@ -762,6 +762,7 @@ def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
     try:
         with connect(path) as client:
             obj = client.open("metered", 4 * PS, create=True)
+            inode = os.fstat(obj.fd).st_ino
             m = obj.map(0, 2 * PS)
             out = subprocess.run(
                 [
@@ -790,7 +791,8 @@ def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
     finally:
         assert served.stop() == 0
     text = textfile.read_text()
-    assert 'devanon_object_size_bytes{name="metered"}' in text
+    (labels,) = re.findall(r"^devanon_object_size_bytes\{(.*)\} ", text, re.M)
+    assert sorted(labels.split(",")) == [f'inode="{inode}"', 'name="metered"']
     assert re.search(r"^devanon_daemon_crowded [01]\.0$", text, re.M)
     assert re.search(r"^devanon_daemon_naps_total \d+\.0$", text, re.M)
 

@@ -23,6 +23,15 @@ _COUNTERS = {
     "punch_calls": ("devanon_object_punch_calls", "fallocate calls made"),
 }
 
+_LABELS = ["name", "inode"]
+"""An object's series: its name, and its memfd's inode, since an object unlinked while in
+use and a new one of the same name live side by side (one name would repeat a series,
+and a scraper refuses the whole page then)."""
+
+
+def _label_values(obj: dict[str, object]) -> list[str]:
+    return [str(obj["name"]), str(obj["inode"])]
+
 
 class DaemonCollector(Collector):
     """Reads the daemon's objects at each scrape."""
@@ -34,14 +43,14 @@ class DaemonCollector(Collector):
         objects = self.daemon.snapshot()
         families: list[GaugeMetricFamily | CounterMetricFamily] = []
         for key, (metric, help_text) in _GAUGES.items():
-            family = GaugeMetricFamily(metric, help_text, labels=["name"])
+            family = GaugeMetricFamily(metric, help_text, labels=_LABELS)
             for obj in objects:
-                family.add_metric([str(obj["name"])], float(obj[key]))  # type: ignore[arg-type]
+                family.add_metric(_label_values(obj), float(obj[key]))  # type: ignore[arg-type]
             families.append(family)
         for key, (metric, help_text) in _COUNTERS.items():
-            counter = CounterMetricFamily(metric, help_text, labels=["name"])
+            counter = CounterMetricFamily(metric, help_text, labels=_LABELS)
             for obj in objects:
-                counter.add_metric([str(obj["name"])], float(obj[key]))  # type: ignore[arg-type]
+                counter.add_metric(_label_values(obj), float(obj[key]))  # type: ignore[arg-type]
             families.append(counter)
         yield from families
         yield GaugeMetricFamily(

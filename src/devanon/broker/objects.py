@@ -301,6 +301,7 @@ class SharedObject:
             "count_bytes": self.counts.nbytes(),
             "unlinked": self.unlinked,
             "pinned_children": len(self.pins),
+            "inode": self.identity()[1],
         }
 
 
