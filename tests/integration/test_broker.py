@@ -1274,6 +1274,70 @@ def test_one_user_cannot_use_up_the_daemon(daemon: Served) -> None:
         client.open("root-still-can", PS, create=True).close()
 
 
+def _connect_and_pin_until_refused(conn: Connection, path: str) -> None:
+    """As nobody: open connections until the daemon turns one away, then pin one object
+    until a PIN is refused; say how many of each went through."""
+    import resource
+
+    from devanon.broker import server
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # room for the connections
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    held: list[socket.socket] = []
+    for _ in range(server.MAX_CONNECTIONS_PER_UID + 1):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.connect(path)
+        held.append(sock)
+    answered = 0
+    for sock in held:  # all held open: the daemon accepts in order, the last is turned away
+        sock.settimeout(10)
+        try:
+            _send(sock, wire.request(wire.Op.SYNC, 1), [])
+            answered += bool(sock.recv(wire.MAX_MESSAGE))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    for sock in held:
+        sock.close()
+    pins, refused = 0, None
+    with connect(path) as client:
+        obj = client.open("pinned-by-nobody", PS, create=True)
+        r, w = os.pipe()
+        body = wire.pack_ranges(obj._handle, [(0, PS)])
+        while refused is None and pins <= server.MAX_PINS_PER_UID:
+            try:
+                client.call(wire.Op.PIN, body, fds=[r])
+            except OSError as e:
+                refused = (e.errno, str(e))
+            else:
+                pins += 1
+        os.close(w)  # every pin's lifeline reads EOF: they all go
+        obj.close()
+        client.unlink("pinned-by-nobody")
+    conn.send((answered, pins, refused))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_one_user_cannot_take_the_daemons_descriptors(daemon: Served) -> None:
+    from devanon.broker import server
+
+    proc, conn = worker(_connect_and_pin_until_refused, daemon.socket)
+    assert conn.poll(120)
+    connections, pins, refused = conn.recv()
+    proc.join(10)
+    assert connections == server.MAX_CONNECTIONS_PER_UID
+    assert pins == server.MAX_PINS_PER_UID
+    assert refused is not None and refused[0] == errno.EDQUOT and "4096 pins" in refused[1]
+    with connect(daemon.socket) as client:  # root is not held, and the pins went
+        assert wait_for(lambda: client.stat() == [])
+        obj = client.open("root-still-can", PS, create=True)
+        obj.map(0, PS).close()
+        obj.close()
+        client.unlink("root-still-can")
+
+
 def _refusal(sock: socket.socket, message: bytes, fds: list[int]) -> tuple[int, int, int, str]:
     """Send a request the daemon must refuse; its reply's op, seq, errno and text."""
     _send(sock, message, fds)
@@ -1312,6 +1376,11 @@ def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_
         try:  # the next descriptor the daemon would get is past its limit
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, hard))
             op, seq, code, text = _refusal(raw, wire.request(wire.Op.PIN, 4, pin), [r])
+            late = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            late.settimeout(10)
+            late.connect(daemon.socket)  # no room for it: taken and closed, not left waiting
+            assert late.recv(16) == b""
+            late.close()
         finally:
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         assert (op, seq, code) == (wire.Op.PIN, 4, errno.EMFILE) and "out of file" in text

@@ -41,6 +41,8 @@ class Pin:
 
     lifeline: int
     ranges: list[PageRange]
+    uid: int = 0
+    """Who asked for it (the daemon holds its lifeline: a descriptor per pin)."""
 
 
 @dataclass(eq=False)
@@ -232,7 +234,7 @@ class SharedObject:
                 zeros += self.counts.remove(first, last, n)
         self.punch(zeros)
 
-    def pin(self, lifeline: int, ranges: list[PageRange]) -> None:
+    def pin(self, lifeline: int, ranges: list[PageRange], uid: int = 0) -> None:
         pinned = sum(len(pin.ranges) for pin in self.pins)
         if pinned + len(ranges) > MAX_PINNED_RANGES:
             raise OSError(
@@ -242,7 +244,7 @@ class SharedObject:
             )
         for first, last in ranges:
             self.counts.add(first, last)
-        self.pins.append(Pin(lifeline, ranges))
+        self.pins.append(Pin(lifeline, ranges, uid))
 
     def unpin(self, lifeline: int, *, close: bool = True) -> None:
         """A forked child is gone (its lifeline read EOF): drop its pin (and close the

@@ -52,6 +52,11 @@ MAX_RINGS_PER_UID = 256
 MAX_OBJECTS_PER_UID = 1024
 """Objects one uid may own (unlinked ones count while in use): each holds a descriptor of
 the daemon's, and one user must not use up the daemon for the others. Root is not held."""
+MAX_CONNECTIONS_PER_UID = 1024
+"""Connections one uid may hold (two descriptors of the daemon's each: the socket and a
+pidfd). Root is not held."""
+MAX_PINS_PER_UID = 4096
+"""Pins one uid may hold (one descriptor each: its lifeline). Root is not held."""
 
 
 class DaemonRunning(OSError):
@@ -127,6 +132,8 @@ class Daemon:
         self._buf = bytearray(wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buf)
         self._listener = self._listen(path, socket_mode, socket_group)
+        self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        """A descriptor held back for ``_turn_away``."""
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -348,6 +355,8 @@ class Daemon:
         self.unlinked.clear()
         self._epoll.close()
         self._listener.close()
+        with contextlib.suppress(OSError):
+            os.close(self._reserve)
         self._wake_r.close()
         self._wake_w.close()
         with contextlib.suppress(FileNotFoundError):
@@ -362,11 +371,22 @@ class Daemon:
             return
         except OSError as e:  # EMFILE, ENFILE, ENOMEM: refuse this one, go on serving the rest
             log.warning("cannot accept a client: %s", e.strerror)
-            time.sleep(0.01)  # the listener stays readable: don't spin on it
+            self._turn_away()
             return
         sock.setblocking(False)
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, gid = struct.unpack("3i", creds)
+        held = sum(p.uid == uid for p in self.peers.values())
+        if uid != 0 and held >= MAX_CONNECTIONS_PER_UID:
+            log.warning(
+                "client pid %d refused: uid %d holds %d connections, the most the daemon "
+                "keeps for one user",
+                pid,
+                uid,
+                held,
+            )
+            sock.close()
+            return
         try:
             groups = peer_groups(sock, pid, gid)
             pidfd = _peer_pidfd(sock, pid)
@@ -385,6 +405,17 @@ class Daemon:
             self._disconnect(peer)
             return
         log.info("client %d: pid %d uid %d", peer.id, pid, uid)
+
+    def _turn_away(self) -> None:
+        """Out of descriptors: close the one held in reserve, take the waiting connection
+        and close it (the client reads EOF), then hold one in reserve again. The listener
+        would otherwise stay readable and the loop spin on it."""
+        with contextlib.suppress(OSError):
+            os.close(self._reserve)
+        with contextlib.suppress(OSError):
+            self._listener.accept()[0].close()
+        with contextlib.suppress(OSError):
+            self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _receive(self, peer: Peer) -> None:
         """Read and handle what the client sent, a few messages per wake-up. Before each
@@ -851,7 +882,14 @@ class Daemon:
         lifeline = fds[0]
         _check_lifeline(lifeline)
         os.set_blocking(lifeline, False)
-        obj.pin(lifeline, pages)  # may refuse (ENOMEM): then nothing is watched
+        held = sum(pin.uid == peer.uid for o in self._all_objects() for pin in o.pins)
+        if peer.uid != 0 and held >= MAX_PINS_PER_UID:
+            raise OSError(
+                errno.EDQUOT,
+                f"uid {peer.uid} holds {held} pins, the most the daemon keeps for one user "
+                f"(each holds a descriptor): {obj.name!r} is not pinned",
+            )
+        obj.pin(lifeline, pages, peer.uid)  # may refuse (ENOMEM): then nothing is watched
         try:
             self._watch(lifeline, lambda: self._lifeline_readable(obj, lifeline))
         except BaseException:
