@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 from broker_daemon import Served, start_daemon, wait_for
 from support import (
+    data_pages,
     interrupt_after_next_mmap,
     interrupt_once,
     kernel_counts,
@@ -1112,6 +1113,39 @@ def test_an_interrupted_map_leaves_the_counts_and_the_connection_right(
         assert client.verify("interrupted") == []  # the lost mapping is still counted
         assert obj.resident_bytes() == PS  # so "hello" was not punched under it
         unmap_every_mapping_of(os.fstat(obj.fd))  # the lost mapping: tidy up
+        obj.close()
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+def test_the_give_back_of_an_interrupted_map_the_daemon_refused_takes_nothing(
+    daemon: Served, monkeypatch: pytest.MonkeyPatch, ring: bool
+) -> None:
+    """Ctrl-C while the answer to a MAP of a page the client maps already is awaited: the
+    client gives the MAP back. The daemon refused that MAP (the client's counts are at
+    their cap): the give-back must not take the other mapping's count (and punch it)."""
+    from devanon.broker import objects
+
+    stride = 32 * PS  # 128 ranges a chunk: they stay runs, two each
+    size = stride * (objects.MAX_CLIENT_RUNS // 2 + 4096)
+    with Client(daemon.socket, ring=ring) as client:
+        obj = client.open("refused-then-given-back", size, create=True)
+        keep = obj.map(0, PS)
+        keep.view()[:5] = b"hello"
+        assert (client._ring is not None) == ring
+        granted = 1
+        for batch in (4000, 400, 40, 4, 1):  # up to the cap, without mmaps
+            with pytest.raises(OSError, match="unmap first"):
+                while True:
+                    ranges = [((granted + i) * stride, PS) for i in range(batch)]
+                    client.call(wire.Op.MAP, wire.pack_ranges(obj._handle, ranges))
+                    granted += batch
+        interrupt_once(monkeypatch, client, "_ring_reply_to" if ring else "_receive")
+        with pytest.raises(KeyboardInterrupt):
+            obj.map(0, PS)  # refused (ENOMEM), but we stopped waiting before we knew
+        obj.flush()  # no late error: the refusal and the give-back are nobody's
+        assert obj.map_count(0) == 1  # still keep's
+        assert bytes(keep.view()[:5]) == b"hello" and 0 in data_pages(obj.fd, PS, PS)
+        keep.close()
         obj.close()
 
 

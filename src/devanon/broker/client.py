@@ -199,6 +199,14 @@ class Client:
             if not wanted:
                 self._unwanted.add(seq)
 
+    def _post_give_back(self, seq: int, handle: int, offset: int, length: int) -> None:
+        """Post the UNMAP that gives back MAP ``seq``, whose answer we stopped waiting for:
+        the daemon drops it if it refused that MAP (``wire.FLAG_GIVE_BACK``). Its refusal,
+        or the MAP's, is nobody's to hear of."""
+        flags = wire.FLAG_NOREPLY | wire.FLAG_GIVE_BACK
+        self._unwanted.add(seq)
+        self._send_one(wire.Op.UNMAP, flags, seq, handle, offset, length)
+
     def map_while(
         self,
         handle: int,
@@ -238,7 +246,7 @@ class Client:
                 raise
             except BaseException:
                 _libc.munmap(address, length)
-                self.post_unmap(handle, offset, length, wanted=False)
+                self._post_give_back(seq, handle, offset, length)
                 raise
             return address
 
@@ -264,7 +272,7 @@ class Client:
                     self._transmit(_WAKE, None)
             except BaseException:
                 if op == wire.Op.MAP and ring.posted(seq, tail):  # the daemon will count it:
-                    self.post_unmap(handle, offset, length, wanted=False)  # give it back
+                    self._post_give_back(seq, handle, offset, length)
                 raise
             if posted:
                 return True

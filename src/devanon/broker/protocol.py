@@ -44,6 +44,13 @@ the body (STAT: the objects whose names sort after the body's, from the first if
 empty; VERIFY: a ``U64`` page index, then the name: the differences from that page on);
 an empty page ends the listing."""
 
+FLAG_GIVE_BACK = 4
+"""On UNMAP (of one range, with NOREPLY): it gives back the MAP with the same seq, whose
+answer its client stopped waiting for (interrupted); if the daemon refused that MAP,
+there is nothing to give back and the UNMAP is dropped (it would take the count of
+another mapping of the same pages). A daemon that predates the flag treats it as a plain
+UNMAP."""
+
 STATUS_OK = 0
 STATUS_ERROR = 1
 

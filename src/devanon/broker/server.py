@@ -83,6 +83,9 @@ class Peer:
     wake_owed: bool = False
     """A ring reply went to a client asleep waiting for one: a WAKE is sent when the pass
     over its ring is done (one a pass, however many replies)."""
+    refused_maps: dict[int, None] = field(default_factory=dict)
+    """The seqs of the last one-range MAPs refused (``_REFUSALS_KEPT``), oldest first: a
+    give-back of one of them is dropped (``wire.FLAG_GIVE_BACK``)."""
 
 
 def default_socket_path() -> str:
@@ -493,6 +496,9 @@ class Daemon:
                 if peer.id in self.peers:  # not cut off by the answer
                     obj.map_one(peer.id, first, last)
                 return True
+            if flags & wire.FLAG_GIVE_BACK and seq in peer.refused_maps:
+                del peer.refused_maps[seq]  # that MAP was refused: nothing to give back
+                return False
             obj.unmap_one(peer.id, first, last)
         except ValueError as e:
             self._refuse(peer, op, flags, seq, errno.EINVAL, str(e), ring)
@@ -524,6 +530,10 @@ class Daemon:
     ) -> None:
         """Refuse a one-range request. The error and its text go on the socket; a ring
         request that wants an answer also gets an error status in the ring, after it."""
+        if op == wire.Op.MAP:
+            peer.refused_maps[seq] = None
+            if len(peer.refused_maps) > _REFUSALS_KEPT:
+                del peer.refused_maps[next(iter(peer.refused_maps))]
         self._send(peer, wire.error(op, seq, code, text))
         if ring is not None and not flags & wire.FLAG_NOREPLY and peer.ring is ring:
             self._ring_reply(peer, ring, op, wire.STATUS_ERROR, seq)
@@ -965,6 +975,10 @@ class Daemon:
         with self.state_lock:
             return [{**obj.describe(), "clients": len(obj.holders)} for obj in self._all_objects()]
 
+
+_REFUSALS_KEPT = 64
+"""Refused MAPs a peer's give-backs are checked against: a give-back follows its MAP at
+once (the client sends it as soon as it stops waiting)."""
 
 SO_PEERPIDFD = 77
 """getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
