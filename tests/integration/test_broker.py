@@ -1372,6 +1372,26 @@ def test_one_user_cannot_take_the_daemons_descriptors(daemon: Served) -> None:
         client.unlink("root-still-can")
 
 
+def test_one_connection_cannot_open_handles_without_end(daemon: Served) -> None:
+    from devanon.broker import server
+
+    with connect(daemon.socket) as client:
+        client.open("opened-often", PS, create=True).close()
+        request = wire.OPEN.pack(0, 0, 0) + b"opened-often"
+        opened = 0
+        with pytest.raises(OSError) as refused:
+            while opened <= server.MAX_HANDLES:
+                for fd in client.call(wire.Op.OPEN, request)[1]:
+                    os.close(fd)
+                opened += 1
+        assert opened == server.MAX_HANDLES and refused.value.errno == errno.EMFILE
+        assert "close some" in str(refused.value)
+        client.call(wire.Op.CLOSE, wire.HANDLE.pack(2))  # one closed: room for one again
+        for fd in client.call(wire.Op.OPEN, request)[1]:
+            os.close(fd)
+        client.unlink("opened-often")
+
+
 def _refusal(sock: socket.socket, message: bytes, fds: list[int]) -> tuple[int, int, int, str]:
     """Send a request the daemon must refuse; its reply's op, seq, errno and text."""
     _send(sock, message, fds)

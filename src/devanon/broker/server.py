@@ -57,6 +57,8 @@ MAX_CONNECTIONS_PER_UID = 1024
 pidfd). Root is not held."""
 MAX_PINS_PER_UID = 4096
 """Pins one uid may hold (one descriptor each: its lifeline). Root is not held."""
+MAX_HANDLES = 16384
+"""Handles one connection may hold open (each OPEN makes one: the daemon's memory)."""
 
 
 class DaemonRunning(OSError):
@@ -730,6 +732,12 @@ class Daemon:
                 errno.EACCES,
                 f"uid {peer.uid} may not {right} {name!r} (mode {obj.mode:04o}, "
                 f"owner uid {obj.uid})",
+            )
+        if len(peer.handles) >= MAX_HANDLES:
+            raise OSError(
+                errno.EMFILE,
+                f"this connection holds {len(peer.handles)} handles open, the most the daemon "
+                f"keeps for one: close some before opening {name!r} again",
             )
         fd = obj.descriptor(writable)  # before any book changes: EMFILE changes nothing
         handle = peer.next_handle
