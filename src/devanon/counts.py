@@ -142,6 +142,31 @@ class MapCounts:
         if held is not None:
             yield held
 
+    def runs_last_first(self, window: int) -> Iterator[tuple[int, int, int]]:
+        """``(start, stop, count)`` for each run, the last first: a stored run whole, a
+        dense chunk's runs ``window`` pages at a time. Costs in proportion to the runs,
+        not to the pages. The counts must not change meanwhile."""
+        starts, counts, stop = self._starts, self._counts, self.npages
+        while stop > 0:
+            k = bisect_right(starts, stop - 1) - 1
+            c = counts[k]
+            if c >= 0:
+                yield starts[k], stop, c
+                stop = starts[k]
+            else:
+                start = max(starts[k], stop - window)
+                yield from reversed(self._dense_runs(-c - 1, start, stop))
+                stop = start
+
+    def compact(self, start: int, stop: int) -> None:
+        """Turn the dense chunks at the edges of ``[start, stop)`` back into runs where
+        runs would not take more memory: after an ``add`` that undid a ``remove`` of that
+        range, which may have made them dense (the values are back, the form is not)."""
+        size = self._chunk
+        for chunk in {start // size, (stop - 1) // size}:
+            if chunk in self._dense and self._edges[chunk] + 1 <= self._densify_at:
+                self._sparsify(chunk)
+
     def _stored_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """The stored runs clipped to ``[start, stop)`` (a dense chunk is one)."""
         starts, counts = self._starts, self._counts

@@ -1386,6 +1386,9 @@ def test_one_connection_cannot_open_handles_without_end(daemon: Served) -> None:
                 opened += 1
         assert opened == server.MAX_HANDLES and refused.value.errno == errno.EMFILE
         assert "close some" in str(refused.value)
+        with pytest.raises(OSError, match="close some"):  # refused first: nothing made
+            client.call(wire.Op.OPEN, wire.OPEN.pack(PS, 0o600, wire.OPEN_CREATE) + b"not-made")
+        assert [info["name"] for info in client.stat()] == ["opened-often"]
         client.call(wire.Op.CLOSE, wire.HANDLE.pack(2))  # one closed: room for one again
         for fd in client.call(wire.Op.OPEN, request)[1]:
             os.close(fd)

@@ -231,7 +231,7 @@ def test_a_sleeping_client_gets_one_wake_per_batch_and_keeps_its_counts(daemon: 
         with contextlib.suppress(TimeoutError):
             while message := sock.recv(wire.MAX_MESSAGE):
                 wakes.append(wire.REPLY.unpack(message))
-        assert 1 <= len(wakes) <= 4  # a batch is served in one pass, or (rarely) two
+        assert 1 <= len(wakes) <= 16  # a batch in one pass, or a few (not one a reply: 512)
         assert wakes == [(wire.Op.WAKE, wire.STATUS_OK, 0)] * len(wakes)
         sock.settimeout(5)
         sock.send(wire.request(wire.Op.SYNC, 4))  # still connected

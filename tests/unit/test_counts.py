@@ -328,3 +328,37 @@ def test_counts_past_32_bits_in_dense_chunks() -> None:
     counts.add(0, 8, 2**32)
     assert [counts.count(p) for p in range(8)] == [2**32] * 4 + [2**32 + 1, 2**32] * 2
     assert counts.remove(0, 8, 2**32) == [(0, 4), (5, 6), (7, 8)]
+
+
+def test_runs_last_first_walks_runs_not_pages() -> None:
+    counts = MapCounts(1 << 40, chunk_pages=64)  # a TiB of 4 KiB pages... times 4096
+    counts.add(5, 9)
+    counts.add((1 << 40) - 3, 1 << 40, 2)
+    assert list(counts.runs_last_first(window=16)) == [
+        ((1 << 40) - 3, 1 << 40, 2),
+        (9, (1 << 40) - 3, 0),
+        (5, 9, 1),
+        (0, 5, 0),
+    ]
+    dense = MapCounts(256, chunk_pages=64)
+    for page in range(64, 128, 2):  # 1, 0, 1, 0: the chunk turns dense
+        dense.add(page, page + 1)
+    assert dense.ndense() == 1
+    pages = [0] * 256
+    for a, b, c in dense.runs_last_first(window=16):
+        assert all(pages[p] == 0 for p in range(a, b))  # each page once
+        pages[a:b] = [c + 1] * (b - a)
+    assert pages == [dense.count(p) + 1 for p in range(256)]
+
+
+def test_compact_undoes_the_dense_form_a_removal_made() -> None:
+    counts = MapCounts(256, chunk_pages=64)  # a chunk turns dense past 4 runs
+    counts.add(0, 256)
+    counts.remove(1, 2)  # a hole: 3 runs in the first chunk
+    assert counts.ndense() == 0
+    runs = counts.nruns()
+    counts.remove(3, 4)  # one more hole: the chunk turns dense
+    assert counts.ndense() == 1
+    counts.add(3, 4)  # undone: the values are back, the form is not
+    counts.compact(3, 4)
+    assert (counts.ndense(), counts.nruns()) == (0, runs)

@@ -11,7 +11,6 @@ import errno
 import fcntl
 import os
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
@@ -43,6 +42,9 @@ class Pin:
     ranges: list[PageRange]
     uid: int = 0
     """Who asked for it (the daemon holds its lifeline: a descriptor per pin)."""
+    pid: int = 0
+    """The process that asked for it: the parent, which holds the write end until the
+    fork is done, and whose maps never show the child's copy."""
 
 
 @dataclass(eq=False)
@@ -185,6 +187,7 @@ class SharedObject:
         refused = self._split_too_far(holder, runs, dense)
         if refused is not None:
             holder.add(first, last)
+            holder.compact(first, last)
             raise refused
         zeros = self.counts.remove(first, last)
         if zeros:
@@ -229,12 +232,15 @@ class SharedObject:
         if holder is None:
             return
         zeros: list[PageRange] = []
-        for first, last, n in _runs_last_first(holder):
+        # The last first: each removal works near the end of the object's arrays (the
+        # first first, each would move every run after it: 15 s of the daemon's time for
+        # a client at its cap of runs, instead of 1); a dense chunk a window at a time.
+        for first, last, n in holder.runs_last_first(_DROP_WINDOW):
             if n:
                 zeros += self.counts.remove(first, last, n)
         self.punch(zeros)
 
-    def pin(self, lifeline: int, ranges: list[PageRange], uid: int = 0) -> None:
+    def pin(self, lifeline: int, ranges: list[PageRange], uid: int = 0, pid: int = 0) -> None:
         pinned = sum(len(pin.ranges) for pin in self.pins)
         if pinned + len(ranges) > MAX_PINNED_RANGES:
             raise OSError(
@@ -244,7 +250,7 @@ class SharedObject:
             )
         for first, last in ranges:
             self.counts.add(first, last)
-        self.pins.append(Pin(lifeline, ranges, uid))
+        self.pins.append(Pin(lifeline, ranges, uid, pid))
 
     def unpin(self, lifeline: int, *, close: bool = True) -> None:
         """A forked child is gone (its lifeline read EOF): drop its pin (and close the
@@ -315,22 +321,11 @@ def memfd_label(name: str) -> str:
 
 
 def _add_back(holder: MapCounts, ranges: list[PageRange]) -> None:
-    """Undo the removal of ``ranges`` from ``holder``."""
+    """Undo the removal of ``ranges`` from ``holder`` (chunks it made dense included)."""
     for first, last in ranges:
         holder.add(first, last)
-
-
-def _runs_last_first(counts: MapCounts) -> Iterator[tuple[int, int, int]]:
-    """``counts``'s runs, the last first (a window of pages at a time, so a client's
-    per-page counts never all become objects at once). Taken off an object's counts in
-    this order, each removal works near the end of its arrays; the first first, each
-    would move every run after it (15 s of the daemon's time for a client at its cap
-    of runs, instead of 1)."""
-    stop = counts.npages
-    while stop > 0:
-        start = max(0, stop - _DROP_WINDOW)
-        yield from reversed(list(counts.runs(start, stop)))
-        stop = start
+    for first, last in ranges:
+        holder.compact(first, last)
 
 
 def no_such(name: str) -> OSError:

@@ -360,7 +360,7 @@ class Daemon:
         self.unlinked.clear()
         self._epoll.close()
         self._listener.close()
-        with contextlib.suppress(OSError):
+        if self._reserve >= 0:
             os.close(self._reserve)
         self._wake_r.close()
         self._wake_w.close()
@@ -414,13 +414,19 @@ class Daemon:
     def _turn_away(self) -> None:
         """Out of descriptors: close the one held in reserve, take the waiting connection
         and close it (the client reads EOF), then hold one in reserve again. The listener
-        would otherwise stay readable and the loop spin on it."""
-        with contextlib.suppress(OSError):
+        would otherwise stay readable and the loop spin on it. With no reserve to give
+        (it could not be taken back), or nothing gained by it, the loop waits a little."""
+        taken = False
+        if self._reserve >= 0:
             os.close(self._reserve)
-        with contextlib.suppress(OSError):
-            self._listener.accept()[0].close()
-        with contextlib.suppress(OSError):
-            self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self._reserve = -1
+            with contextlib.suppress(OSError):
+                self._listener.accept()[0].close()
+                taken = True
+            with contextlib.suppress(OSError):
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        if not taken:
+            time.sleep(0.01)  # ENFILE, ENOMEM, no reserve: don't spin on the listener
 
     def _receive(self, peer: Peer) -> None:
         """Read and handle what the client sent, a few messages per wake-up. Before each
@@ -697,6 +703,12 @@ class Daemon:
         size, mode, flags = wire.OPEN.unpack_from(req.body)
         name = wire.name_of(req.body[wire.OPEN.size :])
         writable = bool(flags & wire.OPEN_WRITABLE)
+        if len(peer.handles) >= MAX_HANDLES:  # first: a refused OPEN creates nothing
+            raise OSError(
+                errno.EMFILE,
+                f"this connection holds {len(peer.handles)} handles open, the most the daemon "
+                f"keeps for one: close some before opening {name!r}",
+            )
         obj = self.objects.get(name)
         if obj is None:
             if not flags & wire.OPEN_CREATE:
@@ -732,12 +744,6 @@ class Daemon:
                 errno.EACCES,
                 f"uid {peer.uid} may not {right} {name!r} (mode {obj.mode:04o}, "
                 f"owner uid {obj.uid})",
-            )
-        if len(peer.handles) >= MAX_HANDLES:
-            raise OSError(
-                errno.EMFILE,
-                f"this connection holds {len(peer.handles)} handles open, the most the daemon "
-                f"keeps for one: close some before opening {name!r} again",
             )
         fd = obj.descriptor(writable)  # before any book changes: EMFILE changes nothing
         handle = peer.next_handle
@@ -907,7 +913,7 @@ class Daemon:
                 f"uid {peer.uid} holds {held} pins, the most the daemon keeps for one user "
                 f"(each holds a descriptor): {obj.name!r} is not pinned",
             )
-        obj.pin(lifeline, pages, peer.uid)  # may refuse (ENOMEM): then nothing is watched
+        obj.pin(lifeline, pages, peer.uid, peer.pid)  # may refuse (ENOMEM): then nothing is watched
         try:
             self._watch(lifeline, lambda: self._lifeline_readable(obj, lifeline))
         except BaseException:
@@ -995,14 +1001,19 @@ SO_PEERPIDFD = 77
 def _pins_shown(obj: SharedObject, procs: dict[int, int]) -> set[int]:
     """The lifelines of ``obj``'s pins whose forked child (or a descendant: one pin counts
     them all) is among ``procs`` (pid: pidfd), the clients whose maps VERIFY reads: it
-    holds the pipe's write end. Their maps show the copy the pin counts: not twice."""
+    holds the pipe's write end. Their maps show the copy the pin counts: not twice. (The
+    parent that made the pin holds the write end too until the fork is done: not it.)"""
     if not obj.pins:
         return set()
     pipes = {pin.lifeline: os.fstat(pin.lifeline).st_ino for pin in obj.pins}
-    written: set[int] = set()
-    for pid, pidfd in procs.items():
-        written |= pipes_written_by(pid, set(pipes.values()), pidfd)
-    return {lifeline for lifeline, pipe in pipes.items() if pipe in written}
+    written = {
+        pid: pipes_written_by(pid, set(pipes.values()), pidfd) for pid, pidfd in procs.items()
+    }
+    return {
+        pin.lifeline
+        for pin in obj.pins
+        if any(pipes[pin.lifeline] in inodes for pid, inodes in written.items() if pid != pin.pid)
+    }
 
 
 def _check_lifeline(fd: int) -> None:

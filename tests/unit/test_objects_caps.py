@@ -1,0 +1,60 @@
+"""The daemon's per-client caps on an object's counts (no daemon: SharedObject alone)."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from devanon.broker import objects
+from devanon.broker.objects import SharedObject
+from devanon.counts import DENSE_CHUNK
+
+
+def test_refused_unmaps_leave_no_dense_chunk_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One-page holes turn chunk after chunk dense; past the cap each unmap is refused and
+    must leave the client's counts as they were, in values and in memory."""
+    monkeypatch.setattr(objects, "MAX_CLIENT_DENSE", 2)  # the same path, fewer chunks
+    chunks = 8
+    obj = SharedObject("caps", chunks * DENSE_CHUNK * 4096, 0, 0, 0o600)
+    try:
+        obj.map(1, [(0, chunks * DENSE_CHUNK)])
+        obj.map(2, [(0, chunks * DENSE_CHUNK)])  # nothing falls to 0
+        holder = obj.holders[1]
+        refused = 0
+        for chunk in range(chunks):
+            for j in range(200):  # one-page holes: each splits a run in three
+                page = chunk * DENSE_CHUNK + 2 * j + 1
+                before = (holder.nruns(), holder.ndense(), holder.count(page))
+                try:
+                    obj.unmap_one(1, page, page + 1)
+                except OSError as e:
+                    assert e.errno == errno.ENOMEM
+                    assert (holder.nruns(), holder.ndense(), holder.count(page)) == before
+                    refused += 1
+                    break
+        assert refused == chunks - 2 and holder.ndense() == 2
+    finally:
+        obj.close()
+
+
+def test_verify_counts_a_pin_unless_its_child_shows_it_and_never_for_its_parent() -> None:
+    """A pin's write end held by a client VERIFY reads: that client is the forked child,
+    whose maps show the copy (the pin is not counted again); unless it is the parent that
+    made the pin, which holds the write end until the fork is done."""
+    from devanon.broker.server import _pins_shown
+
+    obj = SharedObject("pinned", 4 * 4096, 0, 0, 0o600)
+    lifeline, write_end = os.pipe()
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        obj.pin(lifeline, [(0, 1)], uid=0, pid=os.getpid())
+        me = {os.getpid(): pidfd}
+        assert _pins_shown(obj, me) == set()  # we made it: our maps never show the copy
+        obj.pins[0].pid = 1  # made by another process, and we hold the write end: shown
+        assert _pins_shown(obj, me) == {lifeline}
+    finally:
+        os.close(write_end)
+        os.close(pidfd)
+        obj.close()
