@@ -158,14 +158,18 @@ class MapCounts:
                 yield from reversed(self._dense_runs(-c - 1, start, stop))
                 stop = start
 
-    def compact(self, start: int, stop: int) -> None:
-        """Turn the dense chunks at the edges of ``[start, stop)`` back into runs where
-        runs would not take more memory: after an ``add`` that undid a ``remove`` of that
-        range, which may have made them dense (the values are back, the form is not)."""
+    def dense_edges(self, start: int, stop: int) -> set[int]:
+        """The chunks at the edges of ``[start, stop)`` that are dense (an add or remove
+        of that range can make dense, or runs, only those: see ``compact``)."""
         size = self._chunk
-        for chunk in {start // size, (stop - 1) // size}:
-            if chunk in self._dense and self._edges[chunk] + 1 <= self._densify_at:
-                self._sparsify(chunk)
+        return {c for c in (start // size, (stop - 1) // size) if c in self._dense}
+
+    def compact(self, start: int, stop: int, keep: set[int]) -> None:
+        """After an ``add`` that undid a ``remove`` of ``[start, stop)``: the values are
+        back, but the remove may have made a chunk at an edge dense. Those not in
+        ``keep`` (``dense_edges`` before the remove) turn back into runs."""
+        for chunk in self.dense_edges(start, stop) - keep:
+            self._sparsify(chunk)
 
     def _stored_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """The stored runs clipped to ``[start, stop)`` (a dense chunk is one)."""

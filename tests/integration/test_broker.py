@@ -1663,3 +1663,59 @@ def test_verify_lists_more_differences_than_one_message_holds_in_pages(daemon: S
         assert obj.resident_bytes() == 0
         obj.close()
         client.unlink("broken")
+
+
+def test_a_daemon_that_lost_its_reserve_descriptor_takes_it_back(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of descriptors, the daemon turns a connection away with the one it holds in
+    reserve. If it cannot take that one back at once (another took the slot), it does at
+    the next accept with room, and turns connections away again when it runs out."""
+    import resource
+
+    from devanon.broker import server
+
+    daemon = server.Daemon(str(socket_dir / "reserve.sock"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    filled: list[int] = []
+
+    def run_out() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                filled.append(os.open(os.devnull, os.O_RDONLY))
+
+    def client() -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sock.settimeout(5)
+        sock.connect(daemon.path)
+        return sock
+
+    real_open = os.open
+
+    def slot_taken(*args: Any, **kwargs: Any) -> int:
+        monkeypatch.setattr(server.os, "open", real_open)
+        raise OSError(errno.EMFILE, "the slot went to another thread")
+
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 64, hard))
+        first = client()
+        run_out()
+        monkeypatch.setattr(server.os, "open", slot_taken)
+        daemon._accept()
+        assert first.recv(1) == b"" and daemon._reserve < 0  # turned away, reserve lost
+        while filled:
+            os.close(filled.pop())
+        served = client()
+        daemon._accept()  # room again: the reserve comes back, the client is served
+        assert daemon._reserve >= 0 and len(daemon.peers) == 1
+        late = client()
+        run_out()
+        daemon._accept()
+        assert late.recv(1) == b""  # turned away again, not left waiting
+        for sock in (first, served, late):
+            sock.close()
+    finally:
+        while filled:
+            os.close(filled.pop())
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        daemon._shutdown()

@@ -331,7 +331,7 @@ def test_counts_past_32_bits_in_dense_chunks() -> None:
 
 
 def test_runs_last_first_walks_runs_not_pages() -> None:
-    counts = MapCounts(1 << 40, chunk_pages=64)  # a TiB of 4 KiB pages... times 4096
+    counts = MapCounts(1 << 40, chunk_pages=64)  # 2**40 pages: far too many to walk
     counts.add(5, 9)
     counts.add((1 << 40) - 3, 1 << 40, 2)
     assert list(counts.runs_last_first(window=16)) == [
@@ -360,5 +360,11 @@ def test_compact_undoes_the_dense_form_a_removal_made() -> None:
     counts.remove(3, 4)  # one more hole: the chunk turns dense
     assert counts.ndense() == 1
     counts.add(3, 4)  # undone: the values are back, the form is not
-    counts.compact(3, 4)
+    counts.compact(3, 4, keep=set())
     assert (counts.ndense(), counts.nruns()) == (0, runs)
+    counts.remove(3, 4)  # dense again, and this time it was dense before: it stays so
+    was_dense = counts.dense_edges(5, 6)
+    counts.remove(5, 6)
+    counts.add(5, 6)
+    counts.compact(5, 6, keep=was_dense)
+    assert counts.ndense() == 1 and was_dense == {0}

@@ -180,6 +180,7 @@ class SharedObject:
         if holder is None:
             raise ValueError(f"this client maps nothing of {self.name!r}")
         runs, dense = holder.nruns(), holder.ndense()
+        was_dense = holder.dense_edges(first, last) if dense else set()
         try:
             holder.remove(first, last)
         except ValueError as e:
@@ -187,7 +188,7 @@ class SharedObject:
         refused = self._split_too_far(holder, runs, dense)
         if refused is not None:
             holder.add(first, last)
-            holder.compact(first, last)
+            holder.compact(first, last, was_dense)
             raise refused
         zeros = self.counts.remove(first, last)
         if zeros:
@@ -204,17 +205,18 @@ class SharedObject:
         if holder is None:
             raise ValueError(f"this client maps nothing of {self.name!r}")
         runs, dense = holder.nruns(), holder.ndense()
+        was_dense = set().union(*(holder.dense_edges(a, b) for a, b in ranges)) if dense else set()
         done: list[PageRange] = []
         try:
             for first, last in ranges:
                 holder.remove(first, last)
                 done.append((first, last))
         except ValueError as e:
-            _add_back(holder, done)
+            _add_back(holder, done, was_dense)
             raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
         refused = self._split_too_far(holder, runs, dense)
         if refused is not None:
-            _add_back(holder, done)
+            _add_back(holder, done, was_dense)
             raise refused
         zeros: list[PageRange] = []
         for first, last in ranges:
@@ -320,12 +322,13 @@ def memfd_label(name: str) -> str:
     return f"devanon:{name}".encode()[:MEMFD_LABEL_MAX].decode("utf-8", "ignore")
 
 
-def _add_back(holder: MapCounts, ranges: list[PageRange]) -> None:
-    """Undo the removal of ``ranges`` from ``holder`` (chunks it made dense included)."""
+def _add_back(holder: MapCounts, ranges: list[PageRange], was_dense: set[int]) -> None:
+    """Undo the removal of ``ranges`` from ``holder``, and turn back into runs the chunks
+    it made dense (``was_dense``: the dense ones at the ranges' edges before it)."""
     for first, last in ranges:
         holder.add(first, last)
     for first, last in ranges:
-        holder.compact(first, last)
+        holder.compact(first, last, was_dense)
 
 
 def no_such(name: str) -> OSError:

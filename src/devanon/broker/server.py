@@ -370,6 +370,9 @@ class Daemon:
     # -- events ----------------------------------------------------------------------------
 
     def _accept(self) -> None:
+        if self._reserve < 0:  # lost at a turn-away: take it back once there is room
+            with contextlib.suppress(OSError):
+                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
             sock, _ = self._listener.accept()
         except BlockingIOError:
@@ -418,8 +421,8 @@ class Daemon:
         (it could not be taken back), or nothing gained by it, the loop waits a little."""
         taken = False
         if self._reserve >= 0:
-            os.close(self._reserve)
-            self._reserve = -1
+            fd, self._reserve = self._reserve, -1
+            os.close(fd)
             with contextlib.suppress(OSError):
                 self._listener.accept()[0].close()
                 taken = True
