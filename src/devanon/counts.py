@@ -161,8 +161,7 @@ class MapCounts:
     def dense_edges(self, start: int, stop: int) -> set[int]:
         """The chunks at the edges of ``[start, stop)`` that are dense (an add or remove
         of that range can make dense, or runs, only those: see ``compact``)."""
-        size = self._chunk
-        return {c for c in (start // size, (stop - 1) // size) if c in self._dense}
+        return {c for c in self._edge_chunks(start, stop) if c in self._dense}
 
     def compact(self, start: int, stop: int, keep: set[int]) -> None:
         """After an ``add`` that undid a ``remove`` of ``[start, stop)``: the values are
@@ -426,13 +425,16 @@ class MapCounts:
         """Make the chunks at the edges of a range dense if their runs grew too many (an
         add or remove makes new runs only where its range begins and ends)."""
         starts, size = self._starts, self._chunk
-        edges = (start // size, (stop - 1) // size)
-        for chunk in edges[:1] if edges[0] == edges[1] else edges:
+        for chunk in self._edge_chunks(start, stop):
             if chunk in self._dense:
                 continue
             lo, hi = chunk * size, min(chunk * size + size, self.npages)
             if bisect_left(starts, hi) - bisect_right(starts, lo) + 1 > self._densify_at:
                 self._densify(chunk, lo, hi)
+
+    def _edge_chunks(self, start: int, stop: int) -> set[int]:
+        """The chunks ``[start, stop)`` begins and ends in (one, or two)."""
+        return {start // self._chunk, (stop - 1) // self._chunk}
 
     def _densify(self, chunk: int, lo: int, hi: int) -> None:
         import numpy as np

@@ -187,8 +187,7 @@ class SharedObject:
             raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
         refused = self._split_too_far(holder, runs, dense)
         if refused is not None:
-            holder.add(first, last)
-            holder.compact(first, last, was_dense)
+            _add_back(holder, [(first, last)], was_dense)
             raise refused
         zeros = self.counts.remove(first, last)
         if zeros:

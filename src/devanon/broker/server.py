@@ -137,8 +137,9 @@ class Daemon:
         self._buf = bytearray(wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buf)
         self._listener = self._listen(path, socket_mode, socket_group)
-        self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        """A descriptor held back for ``_turn_away``."""
+        self._reserve = -1
+        """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
+        self._hold_reserve()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -371,8 +372,7 @@ class Daemon:
 
     def _accept(self) -> None:
         if self._reserve < 0:  # lost at a turn-away: take it back once there is room
-            with contextlib.suppress(OSError):
-                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self._hold_reserve()
         try:
             sock, _ = self._listener.accept()
         except BlockingIOError:
@@ -426,10 +426,14 @@ class Daemon:
             with contextlib.suppress(OSError):
                 self._listener.accept()[0].close()
                 taken = True
-            with contextlib.suppress(OSError):
-                self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            self._hold_reserve()
         if not taken:
             time.sleep(0.01)  # ENFILE, ENOMEM, no reserve: don't spin on the listener
+
+    def _hold_reserve(self) -> None:
+        """Open the descriptor ``_turn_away`` gives up, if there is room for it."""
+        with contextlib.suppress(OSError):
+            self._reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 
     def _receive(self, peer: Peer) -> None:
         """Read and handle what the client sent, a few messages per wake-up. Before each
@@ -1009,13 +1013,12 @@ def _pins_shown(obj: SharedObject, procs: dict[int, int]) -> set[int]:
     if not obj.pins:
         return set()
     pipes = {pin.lifeline: os.fstat(pin.lifeline).st_ino for pin in obj.pins}
-    written = {
-        pid: pipes_written_by(pid, set(pipes.values()), pidfd) for pid, pidfd in procs.items()
-    }
+    inodes = set(pipes.values())
+    written = {pid: pipes_written_by(pid, inodes, pidfd) for pid, pidfd in procs.items()}
     return {
         pin.lifeline
         for pin in obj.pins
-        if any(pipes[pin.lifeline] in inodes for pid, inodes in written.items() if pid != pin.pid)
+        if any(pipes[pin.lifeline] in held for pid, held in written.items() if pid != pin.pid)
     }
 
 

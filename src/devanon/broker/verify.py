@@ -25,11 +25,8 @@ def add_maps_of(
             lines = f.readlines()
     except (FileNotFoundError, ProcessLookupError):
         return
-    if pidfd is not None:
-        try:
-            signal.pidfd_send_signal(pidfd, 0)
-        except ProcessLookupError:
-            return
+    if not _still_there(pidfd):
+        return
     for line in lines:
         fields = line.split(maxsplit=5)
         if len(fields) < 5 or int(fields[4]) != ino:
@@ -63,9 +60,16 @@ def pipes_written_by(pid: int, pipes: set[int], pidfd: int | None = None) -> set
                 held.add(int(link[6:-1]))
         except OSError:
             continue  # closed meanwhile
-    if pidfd is not None:
-        try:
-            signal.pidfd_send_signal(pidfd, 0)
-        except ProcessLookupError:
-            return set()
-    return held
+    return held if _still_there(pidfd) else set()
+
+
+def _still_there(pidfd: int | None) -> bool:
+    """Whether the process of ``pidfd`` is alive, after its /proc files were read: then the
+    pid was its own all along (not taken by another process meanwhile). True without one."""
+    if pidfd is None:
+        return True
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    return True
