@@ -7,6 +7,7 @@ import ctypes
 import errno
 import fcntl
 import json
+import mmap
 import multiprocessing
 import os
 import pickle
@@ -230,6 +231,10 @@ def _as_nobody(conn: Connection, path: str) -> None:
         except PermissionError as e:
             result["private"] = str(e)
         try:
+            client.open("private", 8 * PS, writable=False)  # a wrong size: tells nothing
+        except PermissionError as e:
+            result["private_sized"] = str(e)
+        try:
             client.unlink("public")
         except PermissionError as e:
             result["unlink"] = str(e)
@@ -251,6 +256,8 @@ def test_another_uid_gets_what_the_mode_allows(daemon: Served) -> None:
         assert "read-only" in result["map_writable"]
         assert result["visible"] == ["public"]
         assert "may not read 'private'" in result["private"]
+        assert "may not read 'private'" in result["private_sized"]
+        assert str(4 * PS) not in result["private_sized"]
         assert "only the owner" in result["unlink"]
         assert public.map_count(0) == 1
         m.close()
@@ -364,6 +371,41 @@ def test_daemon_restart_gives_clients_a_clear_error_and_no_hang(socket_dir: Path
     finally:
         assert served.stop() == 0
     del m
+
+
+def test_a_stopping_daemon_punches_nothing_under_live_mappings(socket_dir: Path) -> None:
+    path = str(socket_dir / "stop.sock")
+    served = start_daemon(path)
+    client = connect(path)
+    obj = client.open("kept", 8 * PS, create=True)
+    m = obj.map(0, 4 * PS)
+    m.view()[: 4 * PS] = b"G" * 4 * PS
+    assert os.fstat(obj.fd).st_blocks * 512 == 4 * PS
+    assert served.stop() == 0
+    assert os.fstat(obj.fd).st_blocks * 512 == 4 * PS  # the kernel still holds the data
+    assert bytes(m.view()) == b"G" * 4 * PS
+    assert kernel_counts(obj.fd, [os.getpid()]) == dict.fromkeys(range(4), 1)
+    with pytest.raises(BrokerError, match="gone"):
+        obj.map(4 * PS, PS)
+    del m
+
+
+def test_a_stopping_daemon_leaves_another_daemons_socket(socket_dir: Path) -> None:
+    path = str(socket_dir / "shared-path.sock")
+    first = start_daemon(path)
+    try:
+        os.unlink(path)  # someone removed the first one's socket file ...
+        second = start_daemon(path)  # ... and a second daemon serves there now
+        try:
+            assert first.stop() == 0
+            assert os.path.exists(path)
+            with connect(path) as client:
+                assert client.stat() == []
+        finally:
+            assert second.stop() == 0
+        assert not os.path.exists(path)  # the second one took its own socket away
+    finally:
+        first.stop()
 
 
 class UnreadLog:
@@ -599,6 +641,26 @@ def test_a_shared_anon_pickles_by_name_to_a_spawned_worker(daemon: Served) -> No
         obj.close()
 
 
+def test_a_pickled_shared_anon_is_not_taken_for_a_new_object_of_its_name(
+    daemon: Served,
+) -> None:
+    with connect(daemon.socket) as client:
+        old = client.open("renamed", 4 * PS, create=True)
+        m = old.map(0, PS)
+        m.view()[:3] = b"old"
+        blob = pickle.dumps(old)
+        client.unlink("renamed")
+        new = client.open("renamed", 4 * PS, create=True)
+        with pytest.raises(FileNotFoundError, match=r"'renamed' .* not the object that was"):
+            pickle.loads(blob)
+        again = pickle.loads(pickle.dumps(new))  # the one there now: fine
+        assert os.fstat(again.fd).st_ino == os.fstat(new.fd).st_ino
+        for each in (again, new):
+            each.close()
+        m.close()
+        old.close()
+
+
 def test_forked_children_inherit_only_what_is_registered(daemon: Served) -> None:
     with connect(daemon.socket) as client:
         obj = client.open("fork", 8 * PS, create=True)
@@ -829,10 +891,27 @@ def test_socket_mode_and_errno_of_refusals(daemon: Served) -> None:
     raw.close()
 
 
+def _connect_as_nobody(conn: Connection, path: str) -> None:
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    try:
+        connect(path)
+    except BrokerError as e:
+        conn.send(str(e))
+    else:
+        conn.send("connected")
+
+
 def test_default_socket_mode_is_the_owners_alone(socket_dir: Path) -> None:
     served = start_daemon(str(socket_dir / "own.sock"))
     try:
         assert os.stat(socket_dir / "own.sock").st_mode & 0o777 == 0o600
+        if os.geteuid() == 0:
+            proc, conn = worker(_connect_as_nobody, served.socket)
+            said = conn.recv()
+            proc.join(10)
+            assert "may not connect" in said and "--socket-mode" in said, said
     finally:
         assert served.stop() == 0
 
@@ -969,6 +1048,21 @@ def test_verify_reads_each_process_once_however_many_connections(daemon: Served)
         assert client.verify("twice") == []
         conn.send("done")
         proc.join(10)
+        obj.close()
+
+
+def test_verify_sees_a_client_that_maps_without_telling_the_daemon(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("untold", 4 * PS, create=True)
+        behind = mmap.mmap(obj.fd, 2 * PS, offset=PS)  # no MAP request: no count
+        try:
+            assert obj.map_count(PS) == 0
+            assert client.verify("untold") == [
+                {"first_page": 1, "stop_page": 3, "daemon_count": 0, "kernel_count": 1}
+            ]
+        finally:
+            behind.close()
+        assert client.verify("untold") == []
         obj.close()
 
 

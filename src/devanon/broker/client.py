@@ -143,9 +143,11 @@ class Client:
             sock.connect(self.path)
         except OSError as e:
             sock.close()
-            raise BrokerError(
-                e.errno, f"no devanon daemon at {self.path} ({e.strerror}): start `devanon serve`"
-            ) from None
+            if e.errno in (errno.EACCES, errno.EPERM):
+                why = "this user may not connect (the daemon's --socket-mode, --socket-group)"
+            else:
+                why = "no devanon daemon there: start `devanon serve`"
+            raise BrokerError(e.errno, f"{self.path}: {e.strerror}: {why}") from None
         self.generation += 1
         self._pid = os.getpid()
         self._drop_ring()
@@ -643,8 +645,25 @@ def shared_client(path: str) -> Client:
     return _shared[key]
 
 
-def _reopen(path: str, name: str, writable: bool) -> SharedAnon:
-    return shared_client(path).open(name, writable=writable)
+def _reopen(
+    path: str, name: str, writable: bool, identity: tuple[int, int] | None = None
+) -> SharedAnon:
+    """Open, in an unpickling process, the object a SharedAnon was pickled from: the same
+    memfd (``identity``: its device and inode), not a newer object of the same name."""
+    shared = shared_client(path).open(name, writable=writable)
+    if identity is not None and _identity(shared.fd) != identity:
+        shared.close()
+        raise FileNotFoundError(
+            errno.ENOENT,
+            f"{name!r} at {path} is not the object that was pickled (unlinked since, and "
+            "a new one made under its name)",
+        )
+    return shared
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _after_fork_in_child() -> None:
@@ -743,7 +762,8 @@ class SharedAnon(Mapper):
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_reopen, (self.client.path, self.name, self._writable_fd))
+        identity = None if self.closed else _identity(self.fd)
+        return (_reopen, (self.client.path, self.name, self._writable_fd, identity))
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd {self.fd}"

@@ -19,7 +19,9 @@ from devanon.sizes import format_size
 def add_commands(commands: Any) -> None:
     """Add the broker's subcommands to the ``devanon`` parser."""
     serve = commands.add_parser("serve", help="run the daemon that shares named objects")
-    serve.add_argument("--socket", help=f"socket path (default now: {default_socket_path()})")
+    serve.add_argument(
+        "--socket", help=f"socket path (default now: {default_socket_path(make_private=False)})"
+    )
     serve.add_argument(
         "--socket-mode",
         type=lambda s: int(s, 8),
@@ -34,7 +36,12 @@ def add_commands(commands: Any) -> None:
         help="poll without sleeping this long after a request (0: always sleep); less "
         "while other processes could use every CPU",
     )
-    serve.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on 127.0.0.1")
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve Prometheus metrics on 127.0.0.1: every object's name and figures, to "
+        "any local user (a textfile's mode can keep them to some)",
+    )
     serve.add_argument("--metrics-textfile", help="write Prometheus metrics to this file")
     serve.set_defaults(run=_serve)
 

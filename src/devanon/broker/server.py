@@ -90,14 +90,38 @@ class Peer:
     give-back of one of them is dropped (``wire.FLAG_GIVE_BACK``)."""
 
 
-def default_socket_path() -> str:
-    """$DEVANON_SOCKET, else /run/devanon/devanon.sock as root, else under XDG_RUNTIME_DIR."""
+def default_socket_path(*, make_private: bool = True) -> str:
+    """$DEVANON_SOCKET, else /run/devanon/devanon.sock as root, else under XDG_RUNTIME_DIR,
+    else under /tmp/devanon-UID (made, or checked, to be this user's alone unless told
+    not to: ``make_private=False`` only names it)."""
     if os.environ.get("DEVANON_SOCKET"):
         return os.environ["DEVANON_SOCKET"]
     if os.geteuid() == 0:
         return "/run/devanon/devanon.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/devanon-{os.geteuid()}"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if not runtime:
+        runtime = f"/tmp/devanon-{os.geteuid()}"
+        if make_private:
+            _private_directory(runtime)
     return os.path.join(runtime, "devanon.sock")
+
+
+def _private_directory(path: str) -> str:
+    """``path``, made a directory of this user's alone (0700) unless it is one already.
+    Anyone may create a name in /tmp first: a directory someone else owns or can write
+    to, or a symlink, is refused (tmux checks its /tmp/tmux-UID the same way)."""
+    uid = os.geteuid()
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
+        raise PermissionError(
+            errno.EACCES,
+            f"{path} is not a directory of uid {uid}'s alone (owner uid {st.st_uid}, mode "
+            f"{stat.filemode(st.st_mode)}): remove it, or set XDG_RUNTIME_DIR or "
+            "DEVANON_SOCKET",
+        )
+    return path
 
 
 class Daemon:
@@ -137,6 +161,9 @@ class Daemon:
         self._buf = bytearray(wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buf)
         self._listener = self._listen(path, socket_mode, socket_group)
+        st = os.lstat(path)
+        self._bound = (st.st_dev, st.st_ino)
+        """The socket file we bound: the one to unlink when we stop."""
         self._reserve = -1
         """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
         self._hold_reserve()
@@ -353,8 +380,11 @@ class Daemon:
             self._epoll.unregister(fd)
 
     def _shutdown(self) -> None:
+        """Let go of everything, punching nothing: the clients' mappings and descriptors
+        stay valid, with their data, and the kernel frees each memfd when its last
+        client lets go."""
         for peer in list(self.peers.values()):
-            self._disconnect(peer)
+            self._disconnect(peer, drop_counts=False)
         for obj in [*self.objects.values(), *self.unlinked]:
             obj.close()
         self.objects.clear()
@@ -366,7 +396,9 @@ class Daemon:
         self._wake_r.close()
         self._wake_w.close()
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+            st = os.lstat(self.path)
+            if (st.st_dev, st.st_ino) == self._bound:  # not another daemon's, bound since
+                os.unlink(self.path)
 
     # -- events ----------------------------------------------------------------------------
 
@@ -668,11 +700,12 @@ class Daemon:
         except OSError:  # gone, or not reading its replies (EAGAIN): cut off, never wait
             self._disconnect(peer)
 
-    def _disconnect(self, peer: Peer) -> None:
+    def _disconnect(self, peer: Peer, *, drop_counts: bool = True) -> None:
         if self.peers.pop(peer.id, None) is None:
             return
         for obj in self._all_objects():
-            obj.drop(peer.id)
+            if drop_counts:
+                obj.drop(peer.id)
             obj.handles.pop(peer.id, None)
         peer.handles.clear()
         self._unwatch(peer.sock.fileno())
@@ -681,7 +714,8 @@ class Daemon:
         peer.sock.close()
         os.close(peer.pidfd)
         self._forget_unused()
-        log.info("client %d (pid %d) gone; its counts dropped", peer.id, peer.pid)
+        if drop_counts:
+            log.info("client %d (pid %d) gone; its counts dropped", peer.id, peer.pid)
 
     def _drop_ring(self, peer: Peer) -> None:
         if peer.ring is not None:
@@ -742,8 +776,6 @@ class Daemon:
             obj = SharedObject(name, size, peer.uid, peer.gid, mode)
             self.objects[name] = obj
             log.info("client %d created %r (%d bytes, mode %04o)", peer.id, name, size, mode)
-        elif size and size != obj.size:
-            raise ValueError(f"{name!r} exists with size {obj.size}, not {size}")
         want = READ | (WRITE if writable else 0)
         if not obj.allows(peer.uid, peer.gids, want):
             right = "write" if obj.allows(peer.uid, peer.gids, READ) else "read"
@@ -752,6 +784,8 @@ class Daemon:
                 f"uid {peer.uid} may not {right} {name!r} (mode {obj.mode:04o}, "
                 f"owner uid {obj.uid})",
             )
+        if size and size != obj.size:  # after the rights: the size is not for everyone
+            raise ValueError(f"{name!r} exists with size {obj.size}, not {size}")
         fd = obj.descriptor(writable)  # before any book changes: EMFILE changes nothing
         handle = peer.next_handle
         peer.next_handle += 1
@@ -878,9 +912,9 @@ class Daemon:
             raise no_such(name)
         kernel = MapCounts(obj.counts.npages)
         dev, ino = obj.identity()
-        procs = {
-            self.peers[cid].pid: self.peers[cid].pidfd for cid in obj.holders if cid in self.peers
-        }
+        # Every client with the memfd: one that maps it without telling us has no counts.
+        clients = [self.peers[i] for i in {*obj.holders, *obj.handles} if i in self.peers]
+        procs = {c.pid: c.pidfd for c in clients}
         for pid, pidfd in procs.items():  # each process once
             add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
         shown = _pins_shown(obj, procs)

@@ -1,0 +1,61 @@
+"""Where the daemon's socket goes by default, and the /tmp fallback's safety checks."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from devanon.broker import server
+from devanon.broker.server import default_socket_path
+
+
+def test_the_environment_decides_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEVANON_SOCKET", "/somewhere/d.sock")
+    assert default_socket_path() == "/somewhere/d.sock"
+
+
+def test_a_user_without_a_runtime_directory_gets_one_of_their_own_in_tmp(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("DEVANON_SOCKET", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)  # not root: no /run/devanon
+    named = default_socket_path(make_private=False)
+    assert named == "/tmp/devanon-4242/devanon.sock"
+    assert not os.path.exists("/tmp/devanon-4242")  # only named
+
+
+def test_a_fresh_private_directory_is_made_0700(tmp_path: Path) -> None:
+    path = tmp_path / "devanon-me"
+    assert server._private_directory(str(path)) == str(path)
+    st = path.lstat()
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700
+    assert server._private_directory(str(path)) == str(path)  # ours already: fine
+
+
+@pytest.mark.parametrize("kind", ["group-writable", "symlink", "file"])
+def test_a_directory_someone_could_have_planted_is_refused(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "devanon-me"
+    if kind == "group-writable":
+        path.mkdir()
+        path.chmod(0o770)
+    elif kind == "symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        path.symlink_to(tmp_path / "elsewhere")
+    else:
+        path.write_text("")
+        path.chmod(0o600)
+    with pytest.raises(PermissionError, match=f"{path} is not a directory of uid"):
+        server._private_directory(str(path))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory away")
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "devanon-me"
+    path.mkdir(mode=0o700)
+    os.chown(path, 65534, 65534)
+    with pytest.raises(PermissionError, match="owner uid 65534"):
+        server._private_directory(str(path))
