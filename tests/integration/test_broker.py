@@ -38,6 +38,7 @@ from support import (
     unmap_every_mapping_of,
 )
 
+import devanon
 from devanon.broker import BrokerError, Client, connect, daemon_log
 from devanon.broker import protocol as wire
 from devanon.broker.crowding import CrowdWatch
@@ -66,7 +67,7 @@ def _share_and_write(conn: Connection, path: str) -> None:
 
 
 def test_two_processes_share_and_see_each_others_writes(daemon: Served) -> None:
-    with connect(daemon.socket) as client:
+    with devanon.connect(daemon.socket) as client:  # the name for it
         obj = client.open("shared", 16 * PS, create=True)
         a = obj.map(0, 8 * PS)
         a.view()[:6] = b"parent"
