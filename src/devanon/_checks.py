@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 
 def integer(label: str, value: object) -> int:
     """``value`` as an int; TypeError for anything else (bool included)."""
     if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{label} must be an int, not {type(value).__name__} {value!r}")
+    return value
+
+
+def flag(label: str, value: object) -> bool:
+    """``value`` if it is a bool; TypeError for anything else (an int, a string "no")."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{label} must be True or False, not {type(value).__name__} {value!r}")
     return value
 
 
@@ -39,17 +47,35 @@ def max_map_count_hint(err: OSError) -> OSError:
     if err.errno != errno.ENOMEM:
         return err
     try:
-        with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
-            limit = int(f.read())
-        with open("/proc/self/maps", "rb") as f:
-            held = sum(1 for _ in f)
+        held, limit = mappings_held()
     except OSError:
         return err
     if held + 2 < limit:
         return err
+    return _at_the_limit(err.strerror or "ENOMEM", held, limit)
+
+
+def room_for_mappings(more: int) -> None:
+    """The max_map_count OSError unless this process may hold ``more`` mappings more."""
+    held, limit = mappings_held()
+    if held + more > limit:
+        raise _at_the_limit(f"{more} more mappings could be needed", held, limit)
+
+
+def mappings_held() -> tuple[int, int]:
+    """``(mappings this process holds, vm.max_map_count)``: /proc/self/maps less
+    [vsyscall], which the kernel does not count."""
+    with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
+        limit = int(f.read())
+    with open("/proc/self/maps", "rb") as f:
+        held = sum(1 for line in f if not line.endswith(b"[vsyscall]\n"))
+    return held, limit
+
+
+def _at_the_limit(what: str, held: int, limit: int) -> OSError:
     return OSError(
         errno.ENOMEM,
-        f"{err.strerror}: this process holds {held} mappings, vm.max_map_count is {limit} "
+        f"{what}: this process holds {held} mappings, vm.max_map_count is {limit} "
         "(/proc/sys/vm/max_map_count); map extents rather than single pages, or raise the limit",
     )
 
@@ -81,3 +107,45 @@ def path_or_fd(label: str, value: object) -> int | str:
     if isinstance(value, bool) or not isinstance(value, int | str | os.PathLike):
         raise TypeError(f"{label} must be a file descriptor or a path, not {value!r}")
     return value if isinstance(value, int) else os.fspath(value)
+
+
+def opened(label: str, value: object, flags: int) -> tuple[int, str, bool]:
+    """``(fd, name, ours)`` for a file given as a descriptor or a path (opened here with
+    ``flags``, then ``ours`` is True: the caller closes it). Only a regular file or a block
+    device is taken: anything else is refused (ValueError) before it is used, and a FIFO
+    is opened without waiting for its other end. A descriptor that is not open: OSError
+    naming it."""
+    target = path_or_fd(label, value)
+    if isinstance(target, int):
+        fd, name, ours = target, f"fd {target}", False
+    else:
+        name = target
+        _file_kind(label, name, os.stat(target).st_mode)  # a FIFO: before opening it
+        fd, ours = os.open(target, flags | os.O_NONBLOCK | os.O_CLOEXEC), True
+    try:
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError as e:
+            raise OSError(e.errno, f"{label} {name}: {e.strerror}") from None
+        _file_kind(label, name, mode)
+        if ours:  # the rest as a plain descriptor would be
+            os.set_blocking(fd, True)
+    except BaseException:
+        if ours:
+            os.close(fd)
+        raise
+    return fd, name, ours
+
+
+def _file_kind(label: str, name: str, mode: int) -> None:
+    """ValueError unless ``mode`` is a regular file's or a block device's."""
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kinds = {
+        stat.S_ISDIR: "directory",
+        stat.S_ISFIFO: "FIFO",
+        stat.S_ISSOCK: "socket",
+        stat.S_ISCHR: "character device",
+    }
+    kind = next((kind for test, kind in kinds.items() if test(mode)), "special file")
+    raise ValueError(f"{label} {name} is a {kind}, not a regular file or a block device")

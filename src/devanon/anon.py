@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from devanon import _checks, _libc
 from devanon import forking as _forking
 from devanon.counts import MapCounts, PageRange
-from devanon.mapper import PAGE_SIZE, Mapper, Mapping, Overlay
+from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE, Mapper, Mapping, Overlay
 from devanon.punch import filesystem_of, punch_pages, punch_range
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Anon", "AnonStats", "Mapping", "Overlay"]
@@ -75,6 +75,11 @@ class Anon(Mapper):
         size = _checks.integer("size", size)
         if not isinstance(name, str):
             raise TypeError(f"name must be a str, not {name!r}")
+        if len(name.encode(errors="surrogateescape")) > MEMFD_LABEL_MAX or "\0" in name:
+            raise ValueError(
+                f"name {name!r} is not a memfd name: at most {MEMFD_LABEL_MAX} bytes, no NUL"
+            )
+        hugepages = _checks.flag("hugepages", hugepages)
         self.path: str | None = None
         if path is not None:
             target = _checks.path_or_fd("path", path)
@@ -82,9 +87,9 @@ class Anon(Mapper):
                 raise TypeError(f"path must be a path, not the int {target!r}")
             self.path = target
         self.name = name
-        self.hugepages = bool(hugepages)
-        if size <= 0:
-            raise ValueError(f"size must be positive, not {size}")
+        self.hugepages = hugepages
+        if not 0 < size < 1 << 63:
+            raise ValueError(f"size must be positive and below 2**63 (off_t), not {size}")
         self.page_size = HUGE_PAGE_SIZE if hugepages else PAGE_SIZE
         _checks.aligned("size", size, self.page_size)
         if hugepages and path is None and _checks.free_hugepages() < 1:
@@ -199,7 +204,7 @@ class Anon(Mapper):
                 flags |= os.MFD_HUGETLB | os.MFD_HUGE_2MB
             fd = os.memfd_create(self.name, flags)
             try:
-                os.ftruncate(fd, size)
+                _resize(fd, size, self.name)
                 fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
             except BaseException:
                 os.close(fd)
@@ -216,7 +221,7 @@ class Anon(Mapper):
                 self.hugepages = True
                 self.page_size = os.fstat(fd).st_blksize
                 _checks.aligned("size", size, self.page_size)
-            os.ftruncate(fd, size)
+            _resize(fd, size, self.path)
             # Probe once that the filesystem can punch, so the error comes now and not at
             # the first unmap (punching a hole in a hole changes nothing).
             punch_range(fd, 0, self.page_size, name=self.path)
@@ -245,7 +250,7 @@ class Anon(Mapper):
                 0, (last - first) * self.page_size, prot, _libc.MAP_SHARED, self.fd, offset
             )
         except OSError as e:
-            self._lose_one(first, last)
+            self._counts.remove(first, last)  # as _give_back
             raise self._mmap_error(e) from None
 
     def _refuse_in_child(self) -> None:
@@ -262,6 +267,12 @@ class Anon(Mapper):
             for a, b in zeros:  # sorted, and never touching: runs of one range
                 self._punch_calls += punch_range(self.fd, a * ps, (b - a) * ps, self.name)
                 self._freed_bytes += (b - a) * ps
+
+    def _give_back(self, ranges: list[PageRange]) -> None:
+        """No punch: a page whose count goes back to 0 had 0 before this map, so it holds
+        no data (the file starts empty, and a page is punched whenever it falls to 0)."""
+        for first, last in ranges:
+            self._counts.remove(first, last)
 
     def _lose(self, ranges: list[PageRange]) -> None:
         zeros: list[PageRange] = []
@@ -319,3 +330,11 @@ class Anon(Mapper):
         self._fork.is_child = True
         self._lose(self._drop_uninherited(everything=not pinned))
         return pinned
+
+
+def _resize(fd: int, size: int, label: str) -> None:
+    """ftruncate, refused with the size and the file named (EFBIG past what it can hold)."""
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot make {label} {size} bytes long: {e.strerror}") from None

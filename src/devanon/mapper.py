@@ -39,6 +39,8 @@ from devanon.counts import PageRange
 from devanon.views import ViewTracker
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+MEMFD_LABEL_MAX = 249
+"""Bytes of a memfd's name the kernel takes (NAME_MAX less its "memfd:"): more is EINVAL."""
 _PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
 
 
@@ -245,6 +247,11 @@ class Mapper(ABC):
         """``_lose`` of one range (subclasses may make it shorter: it is the hot path)."""
         self._lose([(first, last)])
 
+    def _give_back(self, ranges: list[PageRange]) -> None:
+        """Counts ``_gain`` took for a mapping the kernel refused: ``_lose`` them (a
+        subclass that knows the pages held no data may skip the punch)."""
+        self._lose(ranges)
+
     @abstractmethod
     def _before_op(self) -> None:
         """Called with the lock held at the start of every operation."""
@@ -279,6 +286,8 @@ class Mapper(ABC):
             offset, length = self._check_range(offset, length)
         if address is not None:
             address = _checks.aligned("address", address, ps, positive=True)
+        if type(writable) is not bool or type(inherit) is not bool:
+            _checks.flag("writable", writable), _checks.flag("inherit", inherit)
         if writable and not self._writable_fd:
             raise PermissionError(
                 f"cannot map {self.name!r} writable: this descriptor is read-only"
@@ -311,8 +320,8 @@ class Mapper(ABC):
             self._gain(pages)
             try:
                 self._mmap(address, length, prot, _libc.MAP_SHARED | _libc.MAP_FIXED, offset)
-            except BaseException:
-                self._lose(pages)
+            except OSError:  # not an interrupt: the mapping may be there, keep its count
+                self._give_back(pages)
                 raise
             mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
             lost = self._forget(replaced) if replaced else None
@@ -334,6 +343,14 @@ class Mapper(ABC):
             self._check_open()
             self._before_op()
             self._check_owned(address, length)
+            pieces = self._pieces(address, address + length)
+            viewed = sum(seg.owner._has_views() for seg in pieces)
+            if viewed and len(pieces) > 1:
+                # A piece with live views is replaced by a quarantine, the others are
+                # munmapped: one call each, and each can split a mapping. So that a refusal
+                # at vm.max_map_count changes nothing, there must be room for the most
+                # they could make (a quarantine 2 more, a munmap 1) before the first.
+                _checks.room_for_mappings(3 * viewed + 1)
             self._unmap_owned(address, address + length)
 
     def overlay(
@@ -360,9 +377,10 @@ class Mapper(ABC):
         address = _checks.aligned("address", address, self.page_size, positive=True)
         length = _checks.aligned("length", length, self.page_size, positive=True)
         file_offset = _checks.aligned("file_offset", file_offset, PAGE_SIZE)
-        target = _checks.path_or_fd("file", file)
-        fd = target if isinstance(target, int) else os.open(target, os.O_RDONLY | os.O_CLOEXEC)
-        label = f"fd {fd}" if isinstance(target, int) else str(target)
+        _checks.flag("writable", writable)
+        _checks.flag("under_writable_views", under_writable_views)
+        self._check_open()
+        fd, label, ours = _checks.opened("file", file, os.O_RDONLY)
         try:
             st, own = os.fstat(fd), os.fstat(self.fd)
             if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
@@ -414,7 +432,7 @@ class Mapper(ABC):
                 self._lose(lost)
                 return overlay
         finally:
-            if not isinstance(target, int):
+            if ours:
                 os.close(fd)
 
     # -- books (the lock is held) ------------------------------------------------------
@@ -648,8 +666,8 @@ class Mapper(ABC):
                         _libc.MAP_SHARED | _libc.MAP_FIXED,
                         owner.offset_of(seg.start),
                     )
-                except BaseException:
-                    self._lose(pages)
+                except OSError:  # not an interrupt: the mapping may be there
+                    self._give_back(pages)
                     raise
                 seg.overlay = None
                 seg.counted = True

@@ -15,7 +15,7 @@ import errno
 import os
 from dataclasses import dataclass
 
-from devanon import _libc
+from devanon import _checks, _libc
 
 PUNCH_BATCH = 128 << 20
 """The most one fallocate call punches."""
@@ -128,20 +128,12 @@ def punch_hole(file: int | str | os.PathLike[str], offset: int, length: int) -> 
     ``file`` is an open file descriptor (opened for writing) or a path. Partial blocks at the
     edges are zeroed, whole blocks freed. Returns what ``st_blocks`` said before and after.
     """
-    for label, value in (("offset", offset), ("length", length)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{label} must be an int, not {type(value).__name__} {value!r}")
+    offset, length = _checks.integer("offset", offset), _checks.integer("length", length)
     if offset < 0:
         raise ValueError(f"offset must not be negative, not {offset}")
     if length <= 0:
         raise ValueError(f"length must be positive, not {length}")
-    if isinstance(file, bool) or not isinstance(file, int | str | os.PathLike):
-        raise TypeError(f"file must be a file descriptor or a path, not {file!r}")
-    if isinstance(file, int):
-        fd, name, own = file, f"fd {file}", False
-    else:
-        name = os.fspath(file)
-        fd, own = os.open(name, os.O_WRONLY | os.O_CLOEXEC), True
+    fd, name, own = _checks.opened("file", file, os.O_WRONLY)
     try:
         st = os.fstat(fd)
         if offset >= st.st_size:

@@ -40,7 +40,9 @@ class ViewTracker:
         with self._lock:
             self.live += 1
             self.writers += not readonly
-        weakref.finalize(array, self._view_died, not readonly)
+        # Not at exit: atexit runs finalizers of views still alive (a handler registered
+        # earlier may read one later), and the quarantine must outlast them all.
+        weakref.finalize(array, self._view_died, not readonly).atexit = False
         view = memoryview(array).cast("B")
         return view.toreadonly() if readonly else view
 

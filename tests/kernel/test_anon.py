@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -310,3 +312,42 @@ def test_an_interrupt_just_after_mmap_keeps_the_count(monkeypatch: pytest.Monkey
         assert oracle.resident_bytes(anon.fd) == PS
         st = os.fstat(anon.fd)
     unmap_every_mapping_of(st)  # the lost mapping: tidy up
+
+
+def test_an_interrupt_just_after_a_placed_mmap_keeps_the_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``map(address=...)``: the new mapping is in place when the interrupt comes; its
+    count must stay, or pages it covers are punched under it."""
+    with devanon.Anon(16 * PS) as anon:
+        base = anon.map(0, 16 * PS)
+        keep = anon.map(8 * PS, 2 * PS)
+        keep.view()[:4] = b"kkkk"
+        interrupt_after_next_mmap(monkeypatch)
+        with pytest.raises(KeyboardInterrupt):
+            anon.map(8 * PS, 2 * PS, address=base.address)
+        kernel = oracle.maps_counts(anon.fd, PS)
+        assert all(anon.map_count(p * PS) >= kernel.get(p, 0) for p in range(16))
+        keep.close()
+        assert os.pread(anon.fd, 4, 8 * PS) == b"kkkk"  # still mapped at base: not punched
+        st = os.fstat(anon.fd)
+    unmap_every_mapping_of(st)
+
+
+def test_a_stale_view_read_at_exit_reads_zeros(tmp_path: Path) -> None:
+    """An atexit handler registered before devanon's finalizers runs after them: the
+    quarantine under a stale view must still be there."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import atexit, devanon\n"
+        "late = {}\n"
+        "atexit.register(lambda: print(bytes(late['view'][:4])))\n"
+        "anon = devanon.Anon(4 * devanon.PAGE_SIZE)\n"
+        "m = anon.map(0, devanon.PAGE_SIZE)\n"
+        "late['view'] = m.view()\n"
+        "late['view'][:4] = b'abcd'\n"
+        "m.close()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    assert done.stdout == b"b'\\x00\\x00\\x00\\x00'\n"

@@ -92,6 +92,15 @@ def test_an_existing_path_is_not_clobbered(disk_dir: Path) -> None:
     assert path.read_bytes() == b"keep me"
 
 
+def test_a_size_past_what_the_filesystem_holds_is_named_and_leaves_no_file(
+    disk_dir: Path,
+) -> None:
+    path = disk_dir / "too-big"
+    with pytest.raises(OSError, match=f"cannot make {path} {1 << 50} bytes long"):
+        devanon.Anon(1 << 50, path=path)  # ext4 holds 16 TiB files at most
+    assert not path.exists()
+
+
 def test_hugepages_on_a_disk_path_is_refused(disk_dir: Path) -> None:
     with pytest.raises(ValueError, match="hugetlbfs"):
         devanon.Anon(HUGE, path=disk_dir / "x", hugepages=True)

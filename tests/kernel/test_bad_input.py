@@ -48,6 +48,14 @@ def world(tmp_path: Path) -> Iterator[World]:
     w.mem.close()
 
 
+def fifo(w: World) -> Path:
+    """A FIFO beside the world's image (opening it would wait for a writer)."""
+    path = w.image.parent / "fifo"
+    if not path.exists():
+        os.mkfifo(path)
+    return path
+
+
 # (label, call, exception, text the message must hold)
 CASES: list[tuple[str, Callable[[World], object], type[Exception], str]] = [
     ("size zero", lambda w: devanon.Anon(0), ValueError, "0"),
@@ -56,6 +64,12 @@ CASES: list[tuple[str, Callable[[World], object], type[Exception], str]] = [
     ("size a float", lambda w: devanon.Anon(4096.0), TypeError, "4096.0"),  # type: ignore[arg-type]
     ("size a bool", lambda w: devanon.Anon(True), TypeError, "True"),
     ("name not str", lambda w: devanon.Anon(PS, name=b"x"), TypeError, "b'x'"),  # type: ignore[arg-type]
+    ("name too long", lambda w: devanon.Anon(PS, name="n" * 250), ValueError, "at most 249"),
+    ("name with a NUL", lambda w: devanon.Anon(PS, name="a\0b"), ValueError, "'a\\x00b'"),
+    ("size past off_t", lambda w: devanon.Anon(1 << 63), ValueError, str(1 << 63)),
+    ("hugepages a str", lambda w: devanon.Anon(PS, hugepages="no"), TypeError, "'no'"),  # type: ignore[arg-type]
+    ("map writable a str", lambda w: w.mem.map(0, PS, writable="no"), TypeError, "'no'"),  # type: ignore[arg-type]
+    ("map inherit an int", lambda w: w.mem.map(0, PS, inherit=1), TypeError, "int 1"),  # type: ignore[arg-type]
     ("map offset unaligned", lambda w: w.mem.map(100, PS), ValueError, "0x64"),
     ("map offset negative", lambda w: w.mem.map(-PS, PS), ValueError, str(-PS)),
     ("map length zero", lambda w: w.mem.map(0, 0), ValueError, "0"),
@@ -102,6 +116,20 @@ CASES: list[tuple[str, Callable[[World], object], type[Exception], str]] = [
         "0x1",
     ),
     ("overlay file a list", lambda w: w.mem.overlay(w.a.address, [1], 0, PS), TypeError, "[1]"),  # type: ignore[arg-type]
+    ("overlay fd not open", lambda w: w.mem.overlay(w.a.address, 9999, 0, PS), OSError, "fd 9999"),
+    ("overlay a FIFO", lambda w: w.mem.overlay(w.a.address, fifo(w), 0, PS), ValueError, "FIFO"),
+    (
+        "overlay a directory",
+        lambda w: w.mem.overlay(w.a.address, w.image.parent, 0, PS),
+        ValueError,
+        "is a directory",
+    ),
+    (
+        "overlay writable a str",
+        lambda w: w.mem.overlay(w.a.address, w.image, 0, PS, writable="yes"),  # type: ignore[arg-type]
+        TypeError,
+        "'yes'",
+    ),
     ("map_count past the end", lambda w: w.mem.map_count(SIZE), ValueError, hex(SIZE)),
     ("map_count a float", lambda w: w.mem.map_count(1.0), TypeError, "1.0"),  # type: ignore[arg-type]
     ("punch negative", lambda w: devanon.punch_hole(w.image, -1, PS), ValueError, "-1"),
@@ -112,6 +140,8 @@ CASES: list[tuple[str, Callable[[World], object], type[Exception], str]] = [
         ValueError,
         str(1 << 30),
     ),
+    ("punch fd not open", lambda w: devanon.punch_hole(-1, 0, PS), OSError, "fd -1"),
+    ("punch a FIFO", lambda w: devanon.punch_hole(fifo(w), 0, PS), ValueError, "FIFO"),
     (
         "punch no such file",
         lambda w: devanon.punch_hole("/no/such", 0, PS),
@@ -145,6 +175,23 @@ def test_closed_objects_are_refused(world: World) -> None:
         world.ov.release()
     assert world.snapshot() != before  # the release itself did change things
     world.mem.close()
-    for call in (lambda: world.b.close(), lambda: world.mem.unmap(world.b.address, PS)):
+    for call in (
+        lambda: world.b.close(),
+        lambda: world.mem.unmap(world.b.address, PS),
+        lambda: world.mem.overlay(world.b.address, world.image, 0, PS),
+    ):
         with pytest.raises(ValueError, match="closed"):
             call()
+
+
+def test_a_map_the_kernel_refuses_changes_no_figure() -> None:
+    with devanon.Anon(1 << 47) as mem:  # 128 TiB: more than a process's address space
+        keep = mem.map(0, PS)
+        keep.view()[:4] = b"kept"
+        before = mem.stats()
+        with pytest.raises(OSError):
+            mem.map(0, 1 << 47)
+        assert mem.stats() == before  # no punch of the pages it had counted for a moment
+        assert mem.map_count(0) == 1 == oracle.maps_counts(mem.fd, PS)[0]
+        assert bytes(keep.view()[:4]) == b"kept"
+        keep.close()

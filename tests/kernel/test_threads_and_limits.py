@@ -156,6 +156,50 @@ def test_a_close_refused_at_max_map_count_punches_what_it_dropped(
     assert mem.closed
 
 
+def test_an_unmap_over_viewed_mappings_refused_at_max_map_count_changes_nothing(
+    sysctl: Callable[[str, int], None],
+) -> None:
+    """Each piece with live views is quarantined by an mmap of its own: the second can
+    hit the limit after the first is done. The unmap must be refused before either."""
+    mem = devanon.Anon(16 * PS)
+    whole = mem.map(0, 16 * PS)
+    whole.view()[:] = b"m" * 16 * PS
+    first = mem.map(2 * PS, 2 * PS, address=whole.address + 2 * PS)  # one VMA with whole
+    second = mem.map(10 * PS, 2 * PS, address=whole.address + 10 * PS)
+    views = [first.view(), second.view()]
+
+    def state() -> tuple[object, ...]:
+        return (
+            oracle.maps_counts(mem.fd, PS),
+            [mem.map_count(p * PS) for p in range(16)],
+            data_pages(mem.fd, 16 * PS, PS),
+            os.pread(mem.fd, 16 * PS, 0),
+            first.closed,
+            second.closed,
+        )
+
+    before = state()
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    gc.disable()
+    try:
+        with open("/proc/self/maps") as f:  # room for the first quarantine, not the second
+            held = sum(1 for line in f if "[vsyscall]" not in line)
+        sysctl("vm.max_map_count", held + 1)
+        with pytest.raises(OSError, match="max_map_count"):
+            mem.unmap(whole.address + 2 * PS, 10 * PS)
+    finally:
+        sysctl("vm.max_map_count", limit)
+        gc.enable()
+    try:
+        assert state() == before
+        assert bytes(views[0][:2]) == b"mm"
+        mem.unmap(whole.address + 2 * PS, 10 * PS)  # with room, it goes
+        assert bytes(views[0][:2]) == b"\0\0" and first.closed and second.closed
+    finally:
+        views.clear()
+        mem.close()
+
+
 def test_an_anon_dropped_without_close_gives_its_mappings_back() -> None:
     def forget() -> int:
         mem = devanon.Anon(64 * PS, name="dropped")

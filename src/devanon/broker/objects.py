@@ -14,7 +14,7 @@ import stat
 from dataclasses import dataclass, field
 
 from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
-from devanon.mapper import PAGE_SIZE
+from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE
 from devanon.punch import punch_pages
 
 READ = 4
@@ -28,8 +28,6 @@ MAX_CLIENT_DENSE = 1 << 12
 """Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
 MAX_PINNED_RANGES = 1 << 18
 """Ranges pinned for forked children of one object, over all pins."""
-MEMFD_LABEL_MAX = 249
-"""Bytes of a memfd's name the kernel takes (NAME_MAX less its "memfd:"): more is EINVAL."""
 _DROP_WINDOW = 64 * DENSE_CHUNK
 """Pages of a client's counts dropped at a time, last first (``drop``)."""
 
