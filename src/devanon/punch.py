@@ -103,8 +103,15 @@ def _remove_through_mapping(fd: int, offset: int, length: int, name: str, cause:
         address = _libc.mmap(
             0, length, _libc.PROT_READ | _libc.PROT_WRITE, _libc.MAP_SHARED, fd, offset
         )
-    except OSError:
+    except OSError as e:
         address = 0
+        if e.errno == errno.EACCES:  # the filesystem is not the reason: the descriptor is
+            raise OSError(
+                errno.EOPNOTSUPP,
+                f"cannot punch a hole in {name or f'fd {fd}'}: fallocate(FALLOC_FL_PUNCH_HOLE) "
+                "is not supported there, and madvise(MADV_REMOVE) needs the file open for "
+                "reading and writing",
+            ) from cause
     try:
         if address:
             _libc.madvise(address, length, _libc.MADV_REMOVE)
@@ -125,7 +132,8 @@ def _remove_through_mapping(fd: int, offset: int, length: int, name: str, cause:
 def punch_hole(file: int | str | os.PathLike[str], offset: int, length: int) -> PunchResult:
     """Free ``[offset, offset+length)`` of any file, keeping its size: sys_punch.
 
-    ``file`` is an open file descriptor (opened for writing) or a path. Partial blocks at the
+    ``file`` is an open file descriptor (opened for writing; for reading too where the
+    filesystem needs the MADV_REMOVE fallback) or a path. Partial blocks at the
     edges are zeroed, whole blocks freed. Returns what ``st_blocks`` said before and after.
     """
     offset, length = _checks.integer("offset", offset), _checks.integer("length", length)
@@ -133,7 +141,10 @@ def punch_hole(file: int | str | os.PathLike[str], offset: int, length: int) -> 
         raise ValueError(f"offset must not be negative, not {offset}")
     if length <= 0:
         raise ValueError(f"length must be positive, not {length}")
-    fd, name, own = _checks.opened("file", file, os.O_WRONLY)
+    try:  # read too: the MADV_REMOVE fallback maps the file
+        fd, name, own = _checks.opened("file", file, os.O_RDWR)
+    except PermissionError:
+        fd, name, own = _checks.opened("file", file, os.O_WRONLY)
     try:
         st = os.fstat(fd)
         if offset >= st.st_size:

@@ -65,6 +65,9 @@ class ViewTracker:
                 0,
             )
             self._pending.append((address, length))
+            if self.live == 0:  # the last view died meanwhile (the GC, in this thread)
+                pending, self._pending = self._pending, []
+                self._unmap(pending)
             return True
 
     def _view_died(self, writer: bool) -> None:
@@ -74,6 +77,10 @@ class ViewTracker:
             if self.live:
                 return
             pending, self._pending = self._pending, []
+        self._unmap(pending)
+
+    def _unmap(self, pending: list[tuple[int, int]]) -> None:
+        """Unmap quarantined ranges, taken from ``_pending`` when no view was left."""
         for address, length in pending:
             try:
                 _libc.munmap(address, length)

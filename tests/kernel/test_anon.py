@@ -351,3 +351,29 @@ def test_a_stale_view_read_at_exit_reads_zeros(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(script)], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr.decode()
     assert done.stdout == b"b'\\x00\\x00\\x00\\x00'\n"
+
+
+def test_a_view_that_dies_while_its_range_is_quarantined_leaves_nothing_reserved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The last view can die inside ``retire`` (a garbage collection in the same thread,
+    just as the quarantine is mapped): the quarantine must go with it."""
+    from devanon import _libc
+
+    anon = devanon.Anon(4 * PS)
+    m = anon.map(0, 2 * PS)
+    views = [m.view()]
+    real_mmap = _libc.mmap
+
+    def mmap_then_the_view_dies(*args: int) -> int:
+        monkeypatch.setattr(_libc, "mmap", real_mmap)
+        address = real_mmap(*args)
+        views.clear()  # the last reference: its finalizer runs now, in this call
+        return address
+
+    monkeypatch.setattr(_libc, "mmap", mmap_then_the_view_dies)
+    start = m.address
+    m.close()
+    assert not views
+    assert not any(a < start + 2 * PS and start < b for a, b in maps_ranges())
+    anon.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -49,6 +50,62 @@ def test_punch_hole_takes_an_open_descriptor(data_file: Path) -> None:
         assert result.blocks_after == 0 and result.file == f"fd {fd}"
     finally:
         os.close(fd)
+
+
+def test_where_fallocate_cannot_punch_madv_remove_frees_the_range(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fallback (``MADV_REMOVE`` through a temporary mapping), judged by SEEK_DATA."""
+    import errno
+
+    from devanon import _libc
+
+    def no_punch(*args: int) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(_libc, "fallocate", no_punch)
+    path = Path("/dev/shm") / f"devanon-madv-{os.getpid()}"
+    path.write_bytes(b"x" * (4 << 20))
+    try:
+        result = devanon.punch_hole(path, 1 << 20, 2 << 20)
+        assert result.blocks_before - result.blocks_after == (2 << 20) // 512
+        with open(path, "rb") as f:
+            assert oracle.data_pages(f.fileno(), 4 << 20, PS) == set(range(256)) | set(
+                range(768, 1024)
+            )
+        assert path.read_bytes()[1 << 20 : 3 << 20] == bytes(2 << 20)
+    finally:
+        path.unlink()
+
+
+def test_a_big_release_is_punched_128_mib_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call per range, at most 128 MiB each (what each call covers is the only thing
+    the kernel does not show afterwards: the calls are watched on their way to it)."""
+    from devanon import _libc
+
+    calls: list[tuple[int, int]] = []
+    real = _libc.fallocate
+
+    def watched(fd: int, mode: int, offset: int, length: int) -> None:
+        calls.append((offset, length))
+        real(fd, mode, offset, length)
+
+    with devanon.Anon(1 << 30) as mem:
+        whole = mem.map(0, 1 << 30)
+        for offset in range(0, 1 << 30, 64 << 20):
+            whole.view()[offset] = 1
+        other = mem.map(0, 2 * PS)
+        monkeypatch.setattr(_libc, "fallocate", watched)
+        whole.close()
+        assert calls[0] == (2 * PS, 128 << 20)
+        assert all(length <= 128 << 20 for _, length in calls)
+        assert sum(length for _, length in calls) == (1 << 30) - 2 * PS
+        assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(calls))
+        assert len(calls) == 8
+        assert oracle.data_pages(mem.fd, 1 << 30, PS) == {0}
+        calls.clear()
+        other.close()
+        assert calls == [(0, 2 * PS)]
 
 
 def test_cli_punch_prints_what_the_kernel_freed(
