@@ -335,6 +335,16 @@ def test_names_of_the_longest_lengths_work(daemon: Served) -> None:
         assert sorted(o["name"] for o in client.stat()) == sorted(names)
 
 
+def _memfds_held_by(pid: int) -> set[int]:
+    """Inodes of the memfds process ``pid`` holds open."""
+    held = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:"):
+                held.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+    return held
+
+
 def test_unlink_while_mapped_keeps_the_memory_until_the_last_user(daemon: Served) -> None:
     with connect(daemon.socket) as client:
         obj = client.open("doomed", 4 * PS, create=True)
@@ -345,8 +355,12 @@ def test_unlink_while_mapped_keeps_the_memory_until_the_last_user(daemon: Served
         with pytest.raises(FileNotFoundError, match="doomed"):
             client.open("doomed")
         assert bytes(m.view()[:4]) == b"live"
+        inode = os.fstat(obj.fd).st_ino
+        assert inode in _memfds_held_by(daemon.process.pid)
         m.close()
         obj.close()
+        # The last user let go: the daemon holds the memfd no more, so the kernel frees it.
+        assert wait_for(lambda: inode not in _memfds_held_by(daemon.process.pid))
         again = client.open("doomed", 4 * PS, create=True)
         m2 = again.map(0, 4 * PS)
         assert os.pread(again.fd, 4, 0) == bytes(4)  # a new object, zero-filled
