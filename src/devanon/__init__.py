@@ -22,6 +22,10 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module 'devanon' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_BROKER})
+
+
 __all__ = [
     "PAGE_SIZE",
     "Anon",

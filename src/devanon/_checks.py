@@ -55,28 +55,78 @@ def max_map_count_hint(err: OSError) -> OSError:
     return _at_the_limit(err.strerror or "ENOMEM", held, limit)
 
 
-def room_for_mappings(more: int) -> None:
-    """The max_map_count OSError unless this process may hold ``more`` mappings more."""
-    held, limit = mappings_held()
-    if held + more > limit:
-        raise _at_the_limit(f"{more} more mappings could be needed", held, limit)
+def room_for_calls(calls: list[tuple[int, int, bool]]) -> None:
+    """The max_map_count OSError unless this process has room for every mapping that
+    ``calls`` could make on the way: ``(start, stop, quarantined)`` in address order, each
+    an mmap(MAP_FIXED) of a quarantine or a munmap, of memory mapped now.
+
+    A call can split the mapping its start or its stop falls strictly inside (one more
+    each); a quarantine adds itself, a munmap removes at least one. A call that starts
+    where the one before stopped starts on a boundary (a quarantine's edge, or a hole).
+    The most the running sum reaches is what must fit.
+    """
+    edges = sorted({edge for start, stop, _ in calls for edge in (start, stop)})
+    try:
+        held, inside = _mappings_around(edges)
+    except MemoryError:  # at the limit, Python may find no memory for reading the list
+        raise _at_the_limit(f"unmapping this takes {len(calls)} calls", -1, -1) from None
+    more = peak = 0
+    stopped = -1
+    for start, stop, quarantined in calls:
+        more += (start != stopped and start in inside) + (stop in inside) - (not quarantined)
+        peak = max(peak, more)
+        stopped = stop
+    limit = _max_map_count()
+    if held + peak > limit:
+        raise _at_the_limit(
+            f"unmapping this takes {len(calls)} calls, which could need {peak} more mappings",
+            held,
+            limit,
+        )
 
 
 def mappings_held() -> tuple[int, int]:
-    """``(mappings this process holds, vm.max_map_count)``: /proc/self/maps less
-    [vsyscall], which the kernel does not count."""
+    """``(mappings this process holds, vm.max_map_count)``."""
+    return _mappings_around([])[0], _max_map_count()
+
+
+def _max_map_count() -> int:
     with open("/proc/sys/vm/max_map_count", encoding="ascii") as f:
-        limit = int(f.read())
+        return int(f.read())
+
+
+def _mappings_around(addresses: list[int]) -> tuple[int, set[int]]:
+    """How many mappings this process holds (/proc/self/maps less [vsyscall], which the
+    kernel does not count), and which of the sorted ``addresses`` fall strictly inside
+    one. Read line by line: near the limit there is little room for a list of them all."""
+    held, inside, i = 0, set(), 0
     with open("/proc/self/maps", "rb") as f:
-        held = sum(1 for line in f if not line.endswith(b"[vsyscall]\n"))
-    return held, limit
+        for line in f:
+            if line.endswith(b"[vsyscall]\n"):
+                continue
+            held += 1
+            if i == len(addresses):
+                continue
+            lo_text, _, hi_text = line.partition(b" ")[0].partition(b"-")
+            lo, hi = int(lo_text, 16), int(hi_text, 16)
+            while i < len(addresses) and addresses[i] <= lo:
+                i += 1
+            while i < len(addresses) and addresses[i] < hi:
+                inside.add(addresses[i])
+                i += 1
+    return held, inside
 
 
 def _at_the_limit(what: str, held: int, limit: int) -> OSError:
+    where = (
+        "this process is at vm.max_map_count"
+        if held < 0
+        else f"this process holds {held} mappings, vm.max_map_count is {limit}"
+    )
     return OSError(
         errno.ENOMEM,
-        f"{what}: this process holds {held} mappings, vm.max_map_count is {limit} "
-        "(/proc/sys/vm/max_map_count); map extents rather than single pages, or raise the limit",
+        f"{what}: {where} (/proc/sys/vm/max_map_count); map extents rather than single "
+        "pages, or raise the limit",
     )
 
 
@@ -112,24 +162,22 @@ def path_or_fd(label: str, value: object) -> int | str:
 def opened(label: str, value: object, flags: int) -> tuple[int, str, bool]:
     """``(fd, name, ours)`` for a file given as a descriptor or a path (opened here with
     ``flags``, then ``ours`` is True: the caller closes it). Only a regular file or a block
-    device is taken: anything else is refused (ValueError) before it is used, and a FIFO
-    is opened without waiting for its other end. A descriptor that is not open: OSError
-    naming it."""
+    device is taken: anything else is refused (ValueError) before it is used (a path before
+    it is opened: opening a FIFO would wait for its other end). A descriptor that is not
+    open: OSError naming it."""
     target = path_or_fd(label, value)
     if isinstance(target, int):
         fd, name, ours = target, f"fd {target}", False
     else:
         name = target
         _file_kind(label, name, os.stat(target).st_mode)  # a FIFO: before opening it
-        fd, ours = os.open(target, flags | os.O_NONBLOCK | os.O_CLOEXEC), True
+        fd, ours = os.open(target, flags | os.O_NOCTTY | os.O_CLOEXEC), True
     try:
         try:
             mode = os.fstat(fd).st_mode
         except OSError as e:
             raise OSError(e.errno, f"{label} {name}: {e.strerror}") from None
         _file_kind(label, name, mode)
-        if ours:  # the rest as a plain descriptor would be
-            os.set_blocking(fd, True)
     except BaseException:
         if ours:
             os.close(fd)
@@ -149,3 +197,9 @@ def _file_kind(label: str, name: str, mode: int) -> None:
     }
     kind = next((kind for test, kind in kinds.items() if test(mode)), "special file")
     raise ValueError(f"{label} {name} is a {kind}, not a regular file or a block device")
+
+
+def file_size(fd: int) -> int:
+    """Bytes in a regular file or a block device (whose ``st_size`` is 0)."""
+    st = os.fstat(fd)
+    return os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size

@@ -343,14 +343,7 @@ class Mapper(ABC):
             self._check_open()
             self._before_op()
             self._check_owned(address, length)
-            pieces = self._pieces(address, address + length)
-            viewed = sum(seg.owner._has_views() for seg in pieces)
-            if viewed and len(pieces) > 1:
-                # A piece with live views is replaced by a quarantine, the others are
-                # munmapped: one call each, and each can split a mapping. So that a refusal
-                # at vm.max_map_count changes nothing, there must be room for the most
-                # they could make (a quarantine 2 more, a munmap 1) before the first.
-                _checks.room_for_mappings(3 * viewed + 1)
+            self._check_room([(address, address + length)])
             self._unmap_owned(address, address + length)
 
     def overlay(
@@ -388,7 +381,7 @@ class Mapper(ABC):
                     f"cannot overlay {self.name!r} with its own file: a private mapping of it "
                     "would keep copies that no punch frees"
                 )
-            file_size = st.st_size
+            file_size = _checks.file_size(fd)
             if file_offset + length > -(-file_size // PAGE_SIZE) * PAGE_SIZE:
                 raise ValueError(
                     f"overlay of {label} [{file_offset:#x}, {file_offset + length:#x}) reaches "
@@ -527,36 +520,43 @@ class Mapper(ABC):
         if overlay._pieces == 0:
             self._overlays.discard(overlay)
 
+    def _check_room(self, spans: list[tuple[int, int]]) -> None:
+        """Refuse, before any call, an unmap of owned ``spans`` that takes more than one
+        call if the process could run out of mappings part way (vm.max_map_count): so
+        that the refusal changes nothing. The calls are those ``_unmap_owned`` makes."""
+        calls = [call for start, stop in spans for call in self._calls(start, stop)]
+        if len(calls) > 1:
+            _checks.room_for_calls([(g[0].start, g[-1].stop, viewed) for g, viewed in calls])
+
+    def _calls(self, start: int, stop: int) -> list[tuple[list[_Segment], bool]]:
+        """How owned ``[start, stop)`` is unmapped: one call for each stretch of pieces,
+        a quarantine (True) where one mapping has live views, a munmap elsewhere."""
+        calls: list[tuple[list[_Segment], bool]] = []
+        for seg in self._pieces(start, stop):
+            viewed = seg.owner._has_views()
+            if calls and calls[-1][1] == viewed:
+                group = calls[-1][0]
+                if group[-1].stop == seg.start and (not viewed or group[-1].owner is seg.owner):
+                    group.append(seg)
+                    continue
+            calls.append(([seg], viewed))
+        return calls
+
     def _unmap_owned(self, start: int, stop: int) -> None:
         """Unmap owned ``[start, stop)``: quarantine pieces with live views, munmap the rest."""
-        pieces = self._pieces(start, stop)
         done: list[_Segment] = []
         try:
-            run: list[_Segment] = []
-            for seg in pieces:
+            for group, viewed in self._calls(start, stop):
+                first, length = group[0].start, group[-1].stop - group[0].start
                 try:
-                    retired = seg.owner._retire(seg.start, seg.stop - seg.start)
+                    if not (viewed and group[0].owner._retire(first, length)):
+                        _libc.munmap(first, length)
                 except OSError as e:
                     raise _checks.max_map_count_hint(e) from None
-                if retired:
-                    self._munmap_run(run, done)
-                    done.append(seg)
-                else:
-                    run.append(seg)
-            self._munmap_run(run, done)
+                done += group
         finally:
             if done:
-                self._lose(self._forget(sorted(done, key=lambda s: s.start)))
-
-    def _munmap_run(self, run: list[_Segment], done: list[_Segment]) -> None:
-        if not run:
-            return
-        try:
-            _libc.munmap(run[0].start, run[-1].stop - run[0].start)
-        except OSError as e:
-            raise _checks.max_map_count_hint(e) from None
-        done.extend(run)
-        run.clear()
+                self._lose(self._forget(done))
 
     def _mmap(self, address: int, length: int, prot: int, flags: int, offset: int) -> int:
         try:
@@ -640,6 +640,7 @@ class Mapper(ABC):
                     spans[-1][1] = seg.stop
                 else:
                     spans.append([seg.start, seg.stop])
+            self._check_room([(start, stop) for start, stop in spans])
             for start, stop in spans:
                 self._unmap_owned(start, stop)
 

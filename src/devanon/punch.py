@@ -146,9 +146,9 @@ def punch_hole(file: int | str | os.PathLike[str], offset: int, length: int) -> 
     except PermissionError:
         fd, name, own = _checks.opened("file", file, os.O_WRONLY)
     try:
-        st = os.fstat(fd)
-        if offset >= st.st_size:
-            raise ValueError(f"offset {offset} is past the end of {name} (size {st.st_size})")
+        st, size = os.fstat(fd), _checks.file_size(fd)
+        if offset >= size:
+            raise ValueError(f"offset {offset} is past the end of {name} (size {size})")
         punch_range(fd, offset, length, name=name)
         return PunchResult(name, offset, length, st.st_blocks, os.fstat(fd).st_blocks)
     finally:

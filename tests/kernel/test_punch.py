@@ -6,6 +6,7 @@ import itertools
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import oracle
@@ -106,6 +107,46 @@ def test_a_big_release_is_punched_128_mib_at_a_time(monkeypatch: pytest.MonkeyPa
         calls.clear()
         other.close()
         assert calls == [(0, 2 * PS)]
+
+
+@pytest.fixture
+def loop_device(disk_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A 1 MiB loop device over a file of b"x" (root and losetup, or skipped)."""
+    backing = disk_dir / f"devanon-loop-{os.getpid()}"
+    backing.write_bytes(b"x" * (1 << 20))
+    try:
+        found = subprocess.run(
+            ["losetup", "--find", "--show", str(backing)], capture_output=True, text=True
+        )
+    except FileNotFoundError:
+        found = None
+    if found is None or found.returncode:
+        backing.unlink()
+        pytest.skip(f"no loop device here: {found.stderr.strip() if found else 'no losetup'}")
+    device = found.stdout.strip()
+    try:
+        yield device, backing
+    finally:
+        subprocess.run(["losetup", "-d", device], check=False)
+        backing.unlink()
+
+
+def test_a_block_device_is_punched_and_overlaid_by_its_real_size(
+    loop_device: tuple[str, Path],
+) -> None:
+    device, backing = loop_device
+    result = devanon.punch_hole(device, 0, 64 << 10)  # its st_size is 0: not "past the end"
+    assert result.file == device
+    with open(device, "rb") as f:
+        assert f.read(64 << 10) == bytes(64 << 10) and f.read(4) == b"xxxx"
+    with open(backing, "rb") as f:  # the discard reached the backing file: a hole there
+        assert os.lseek(f.fileno(), 0, os.SEEK_DATA) == 64 << 10
+    with (
+        devanon.Anon(4 * PS) as mem,
+        mem.map(0, 4 * PS) as m,
+        mem.overlay(m.address, device, 1 << 19, 2 * PS),
+    ):
+        assert bytes(m.view()[:4]) == b"xxxx"
 
 
 def test_cli_punch_prints_what_the_kernel_freed(

@@ -113,20 +113,19 @@ def test_max_map_count_is_a_clear_error_that_changes_nothing(
 
 @needs_root
 def test_a_close_refused_at_max_map_count_punches_what_it_dropped(
-    sysctl: Callable[[str, int], None], tmp_path: Path
+    sysctl: Callable[[str, int], None],
 ) -> None:
-    image = tmp_path / "page.img"
-    image.write_bytes(b"o" * PS)
     mem = devanon.Anon(16 * PS)
     base = mem.map(12 * PS, 4 * PS)
-    mem.unmap(base.address + PS, PS)  # two pieces: close() takes them one at a time
-    first = mem.map(8 * PS, PS, address=base.address)
-    second = mem.map(0, 2 * PS, address=base.address + 2 * PS)
+    # Two mappings placed over base's first pages, at base's own offsets: one kernel VMA.
+    first = mem.map(12 * PS, PS, address=base.address)
+    second = mem.map(13 * PS, PS, address=base.address + PS)
     first.view()[:] = b"z" * PS
-    second.view()[:] = b"g" * 2 * PS
-    views = [first.view(), second.view()]  # live: close() must quarantine, which can split
-    # An overlay laid and released leaves ``second`` as two pieces of one VMA.
-    mem.overlay(second.address + PS, image, 0, PS, under_writable_views=True).release()
+    second.view()[:] = b"g" * PS
+    # Live views: close() quarantines each, one call a mapping. The first call splits the
+    # VMA (the kernel lets that take the process one past the limit), the second is then
+    # refused.
+    views = [first.view(), second.view()]
     limit = int(Path("/proc/sys/vm/max_map_count").read_text())
     gc.disable()
     try:
@@ -195,6 +194,48 @@ def test_an_unmap_over_viewed_mappings_refused_at_max_map_count_changes_nothing(
         assert bytes(views[0][:2]) == b"mm"
         mem.unmap(whole.address + 2 * PS, 10 * PS)  # with room, it goes
         assert bytes(views[0][:2]) == b"\0\0" and first.closed and second.closed
+    finally:
+        views.clear()
+        mem.close()
+
+
+def test_a_mapping_close_in_two_spans_refused_at_max_map_count_changes_nothing(
+    sysctl: Callable[[str, int], None],
+) -> None:
+    mem = devanon.Anon(32 * PS)
+    base = mem.map(0, 32 * PS)
+    whole = mem.map(4 * PS, 16 * PS, address=base.address + 4 * PS)  # one VMA with base
+    whole.view()[:] = b"w" * 16 * PS
+    views = [whole.view()]
+    mem.unmap(base.address + 10 * PS, 2 * PS)  # quarantined: whole is two spans now
+    # close() quarantines each span, one call each; each splits a VMA it shares with base.
+
+    def state() -> tuple[object, ...]:
+        return (
+            oracle.maps_counts(mem.fd, PS),
+            [mem.map_count(p * PS) for p in range(32)],
+            data_pages(mem.fd, 32 * PS, PS),
+            whole.closed,
+        )
+
+    before = state()
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    gc.disable()
+    try:
+        with open("/proc/self/maps") as f:
+            sysctl("vm.max_map_count", sum(1 for line in f if "[vsyscall]" not in line))
+        with pytest.raises(OSError, match="max_map_count"):
+            whole.close()
+        assert state() == before
+    finally:
+        sysctl("vm.max_map_count", limit)
+        gc.enable()
+    try:
+        whole.close()
+        assert bytes(views[0][:1]) == b"\0"
+        kernel = oracle.maps_counts(mem.fd, PS)
+        assert kernel == {p: 1 for p in [*range(4), *range(20, 32)]}
+        assert [mem.map_count(p * PS) for p in range(32)] == [kernel.get(p, 0) for p in range(32)]
     finally:
         views.clear()
         mem.close()

@@ -36,13 +36,18 @@ def test_a_fresh_private_directory_is_made_0700(tmp_path: Path) -> None:
     assert server._private_directory(str(path)) == str(path)  # ours already: fine
 
 
-@pytest.mark.parametrize("kind", ["group-writable", "symlink", "file"])
+def test_our_own_directory_made_open_by_an_older_devanon_is_closed(tmp_path: Path) -> None:
+    path = tmp_path / "devanon-me"
+    path.mkdir()
+    path.chmod(0o755)
+    assert server._private_directory(str(path)) == str(path)
+    assert stat.S_IMODE(path.lstat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("kind", ["symlink", "file"])
 def test_a_directory_someone_could_have_planted_is_refused(tmp_path: Path, kind: str) -> None:
     path = tmp_path / "devanon-me"
-    if kind == "group-writable":
-        path.mkdir()
-        path.chmod(0o770)
-    elif kind == "symlink":
+    if kind == "symlink":
         (tmp_path / "elsewhere").mkdir(mode=0o700)
         path.symlink_to(tmp_path / "elsewhere")
     else:
@@ -56,6 +61,7 @@ def test_a_directory_someone_could_have_planted_is_refused(tmp_path: Path, kind:
 def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "devanon-me"
     path.mkdir(mode=0o700)
+    path.chmod(0o777)  # someone else's, open to all
     os.chown(path, 65534, 65534)
     with pytest.raises(PermissionError, match="owner uid 65534"):
         server._private_directory(str(path))

@@ -108,12 +108,15 @@ def default_socket_path(*, make_private: bool = True) -> str:
 
 def _private_directory(path: str) -> str:
     """``path``, made a directory of this user's alone (0700) unless it is one already.
-    Anyone may create a name in /tmp first: a directory someone else owns or can write
-    to, or a symlink, is refused (tmux checks its /tmp/tmux-UID the same way)."""
+    Anyone may create a name in /tmp first: a directory someone else owns, or a symlink,
+    is refused (tmux checks its /tmp/tmux-UID the same way)."""
     uid = os.geteuid()
     with contextlib.suppress(FileExistsError):
         os.mkdir(path, 0o700)
     st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and st.st_mode & 0o077:
+        os.chmod(path, 0o700)  # ours (an older devanon made it 0755): ours alone now
+        st = os.lstat(path)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != uid or st.st_mode & 0o077:
         raise PermissionError(
             errno.EACCES,
@@ -160,10 +163,9 @@ class Daemon:
         meanwhile may have the number now)."""
         self._buf = bytearray(wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buf)
-        self._listener = self._listen(path, socket_mode, socket_group)
-        st = os.lstat(path)
-        self._bound = (st.st_dev, st.st_ino)
-        """The socket file we bound: the one to unlink when we stop."""
+        self._listener, self._bound = self._listen(path, socket_mode, socket_group)
+        """``_bound``: the socket file we bound (device, inode): the one to unlink when we
+        stop, not one another daemon may have bound there since."""
         self._reserve = -1
         """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
         self._hold_reserve()
@@ -190,7 +192,10 @@ class Daemon:
     # -- life ------------------------------------------------------------------------------
 
     @staticmethod
-    def _listen(path: str, mode: int, group: str | None) -> socket.socket:
+    def _listen(path: str, mode: int, group: str | None) -> tuple[socket.socket, tuple[int, int]]:
+        """The listening socket, and the (device, inode) of its file. Listening comes
+        right after the bind: a socket nobody listens on looks stale to another daemon
+        starting meanwhile, which would replace it."""
         _raise_descriptor_limit()
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         _remove_stale_socket(path)
@@ -198,14 +203,15 @@ class Daemon:
         old_umask = os.umask(0o177)
         try:
             sock.bind(path)
+            st = os.lstat(path)
+            sock.listen(128)
         finally:
             os.umask(old_umask)
         if group is not None:
             os.chown(path, -1, grp.getgrnam(group).gr_gid)
         os.chmod(path, mode)
-        sock.listen(128)
         sock.setblocking(False)
-        return sock
+        return sock, (st.st_dev, st.st_ino)
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop cleanly (main thread only)."""
