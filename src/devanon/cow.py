@@ -3,8 +3,8 @@
 Like UML's ``ubd0=cow,base``: many guests boot one read-only base image, and each keeps
 the blocks it changed in a COW file of its own; the base is never written. The file is
 
-- page 0: a JSON header (format, version, block size, block count, the base image's path
-  and size), padded with NULs;
+- page 0: a JSON header (format, version, block size, block count, the base image's path,
+  size and modification time), padded with NULs;
 - from page 1: a bitmap, one bit per block, set where the COW file holds the block;
 - from ``data_offset`` (page-aligned): block ``b`` at ``data_offset + b * block_size``, a
   sparse file, so only written blocks take space and a block can be mapped as a page.
@@ -25,6 +25,16 @@ COW_FORMAT = "devanon-cow"
 COW_VERSION = 1
 
 
+_HEADER_KEYS: dict[str, type | tuple[type, ...]] = {
+    "block_size": int,
+    "blocks": int,
+    "base": str,
+    "base_size": int,
+    "base_mtime_ns": int,
+}
+"""What a header must hold, and of which type."""
+
+
 class CowLayer:
     """A COW file over a base image of ``blocks`` blocks; use ``create`` or ``open``."""
 
@@ -43,7 +53,12 @@ class CowLayer:
 
     @classmethod
     def create(
-        cls, path: str | os.PathLike[str], base: str, base_size: int, block_size: int
+        cls,
+        path: str | os.PathLike[str],
+        base: str,
+        base_size: int,
+        block_size: int,
+        base_mtime_ns: int = 0,
     ) -> CowLayer:
         """A new, empty COW file at ``path`` (which must not exist) over ``base``."""
         if base_size % block_size:
@@ -58,6 +73,7 @@ class CowLayer:
                 "blocks": blocks,
                 "base": base,
                 "base_size": base_size,
+                "base_mtime_ns": base_mtime_ns,
             }
         ).encode()
         if len(header) >= PAGE_SIZE:
@@ -75,9 +91,17 @@ class CowLayer:
         return layer
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], base_size: int, block_size: int) -> CowLayer:
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        base_size: int,
+        block_size: int,
+        base_mtime_ns: int = 0,
+    ) -> CowLayer:
         """An existing COW file; ``ValueError`` naming it if it is not one for this base and
-        this block size (another size would map every block to the wrong bytes)."""
+        this block size (another size would map every block to the wrong bytes). The base
+        is told by its size and modification time, as UML's COW header does (a base of
+        the same size made or changed since would show through the COW file's holes)."""
         name = os.fspath(path)
         fd = os.open(name, os.O_RDWR | os.O_CLOEXEC)
         try:
@@ -87,8 +111,16 @@ class CowLayer:
                 ok = head.get("format") == COW_FORMAT and head.get("version") == COW_VERSION
             except (ValueError, AttributeError):
                 ok = False
-            if not ok:
-                raise ValueError(f"{name!r} is not a devanon COW file")
+            missing = [k for k, t in _HEADER_KEYS.items() if ok and not isinstance(head.get(k), t)]
+            if not ok or missing:
+                why = f" (its header lacks {', '.join(missing)})" if ok else ""
+                raise ValueError(f"{name!r} is not a devanon COW file{why}")
+            if head["base_mtime_ns"] != base_mtime_ns:
+                raise ValueError(
+                    f"COW file {name!r} was made over a base modified at "
+                    f"{head['base_mtime_ns']} ns, not {base_mtime_ns}: another image, or one "
+                    "changed since (UML's 'backing file mismatch')"
+                )
             if head["base_size"] != base_size:
                 raise ValueError(
                     f"COW file {name!r} is for a base of {head['base_size']} bytes, not {base_size}"

@@ -282,9 +282,12 @@ def cached_image(
     image = Path(cache_dir) / f"{name}-{fingerprint(root, exclude)}.img"
     if image.exists() and manifest_path(image).exists():
         try:
-            return image, Manifest.load(manifest_path(image))
+            manifest = Manifest.load(manifest_path(image))
         except ValueError:
             pass
+        else:
+            if image.stat().st_size == manifest.image_size:  # not cut short since
+                return image, manifest
     for old in Path(cache_dir).glob(f"{name}-*.img*"):
         old.unlink(missing_ok=True)
     return image, build_image(root, image, exclude=exclude)

@@ -24,6 +24,12 @@ INT_KEYS = ("guest_other_bytes",)
 """Metadata keys whose values must be integers (checked when the trace is parsed)."""
 
 
+_MAX_FILE = 1 << 63
+"""Bytes no file can reach (off_t holds 2**63 - 1)."""
+_MAX_DIGITS = 24
+"""Digits beyond which a number is surely past ``_MAX_FILE`` (and int() may refuse it)."""
+
+
 class TraceError(ValueError):
     """A trace that does not parse; the message names the source and line."""
 
@@ -52,11 +58,19 @@ class Trace:
         return int(self.meta.get("guest_other_bytes", "0"))
 
     def distinct_bytes(self, page_size: int) -> int:
-        """Bytes of the distinct pages the reads touch (what a page cache would hold)."""
-        pages: set[tuple[str, int]] = set()
-        for r in self.reads:
-            pages.update((r.path, p) for p in range(r.offset // page_size, _end_page(r, page_size)))
-        return len(pages) * page_size
+        """Bytes of the distinct pages the reads touch (what a page cache would hold):
+        the union of their page ranges, file by file (never a walk over the pages)."""
+        ranges = sorted(
+            (r.path, r.offset // page_size, _end_page(r, page_size)) for r in self.reads
+        )
+        pages, path, stop = 0, None, 0
+        for p, first, last in ranges:
+            if p != path:
+                path, stop = p, 0
+            if last > stop:
+                pages += last - max(first, stop)
+                stop = last
+        return pages * page_size
 
     def total_bytes(self) -> int:
         """Bytes read, counting every read (repeats included)."""
@@ -94,8 +108,11 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
             m = _META.fullmatch(line)
             if m:
                 key, value = m.groups()
-                if key in INT_KEYS and not _is_int(value):
-                    raise TraceError(f"{source}:{lineno}: {key} must be an integer, not {value!r}")
+                if key in INT_KEYS and not (_is_int(value) and len(value) <= _MAX_DIGITS):
+                    raise TraceError(
+                        f"{source}:{lineno}: {key} must be an integer below 2**63, not "
+                        f"{value[:40]!r}"
+                    )
                 meta[key] = value
             continue
         fields = line.split("\t")
@@ -113,10 +130,20 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
                 f"{source}:{lineno}: offset and length must be integers, got "
                 f"{offset_text!r} and {length_text!r}"
             )
+        if max(len(offset_text), len(length_text)) > _MAX_DIGITS:
+            raise TraceError(
+                f"{source}:{lineno}: offset {offset_text[:24]!r}... or length is past what a "
+                "file can hold (2**63 bytes)"
+            )
         offset, length = int(offset_text), int(length_text)
         if offset < 0 or length <= 0:
             raise TraceError(
                 f"{source}:{lineno}: offset must be >= 0 and length > 0, got {offset} and {length}"
+            )
+        if offset + length >= _MAX_FILE:
+            raise TraceError(
+                f"{source}:{lineno}: offset {offset} + length {length} is past what a file "
+                "can hold (2**63 bytes)"
             )
         reads.append(TraceRead(lineno, path, offset, length))
     return Trace(reads, meta, source)

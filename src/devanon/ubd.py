@@ -84,7 +84,8 @@ class BlockDevice:
         except FileNotFoundError:
             raise FileNotFoundError(2, f"disk image {self.image!r} does not exist") from None
         try:
-            size = os.fstat(self.fd).st_size
+            st = os.fstat(self.fd)
+            size = st.st_size
             if size % self.block_size:
                 raise ValueError(
                     f"image {self.image!r} is {size} bytes, not a multiple of the block size "
@@ -96,9 +97,11 @@ class BlockDevice:
             self.cow: CowLayer | None = None
             if cow is not None:
                 if os.path.exists(cow):
-                    self.cow = CowLayer.open(cow, size, self.block_size)
+                    self.cow = CowLayer.open(cow, size, self.block_size, st.st_mtime_ns)
                 else:
-                    self.cow = CowLayer.create(cow, self.image, size, self.block_size)
+                    self.cow = CowLayer.create(
+                        cow, self.image, size, self.block_size, st.st_mtime_ns
+                    )
         except BaseException:
             os.close(self.fd)
             raise

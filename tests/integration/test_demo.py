@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -123,6 +127,8 @@ def test_without_a_cgroup_it_measures_st_blocks_and_says_so(
         (["--rootfs", "ROOT", "--trace", "OTHER"], "no line of"),
         (["--rootfs", "ROOT"], "--rootfs needs --trace"),
         (["--guests", "0"], "--guests must be at least 1, not 0"),
+        (["--rootfs", "ROOT", "--trace", "TRACE", "--memory", "1M"], "cannot hold a guest"),
+        (["--plot", "/nonexistent-dir/x.png"], "cannot write in /nonexistent-dir"),
     ],
 )
 def test_bad_input_is_refused_before_anything_starts(
@@ -143,3 +149,47 @@ def test_bad_input_is_refused_before_anything_starts(
     }
     assert main(["demo", *[subst.get(a, a) for a in args]]) == 1
     assert words in capsys.readouterr().err
+
+
+@needs_root
+def test_sigterm_cleans_up_as_ctrl_c_does(small: tuple[Path, Path], disk_dir: Path) -> None:
+    """A timeout or a service manager stops the demo with SIGTERM: no cgroup, no scratch
+    directory and no process of it is left."""
+    from devanon.cgroups import find_parent
+
+    root, trace = small
+    _, parent = find_parent()
+    scratch = Path("/var/tmp")
+    before = set(scratch.glob("devanon-demo-*"))
+    env = {**os.environ, "XDG_CACHE_HOME": str(disk_dir / "cache")}
+    demo = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "devanon.cli",
+            "demo",
+            "--rootfs",
+            str(root),
+            "--trace",
+            str(trace),
+            "--guests",
+            "6",
+            "--memory",
+            "32M",
+            "--budget",
+            "256M",
+            "--json",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while not list(parent.glob("devanon-demo-*")) and time.monotonic() < deadline:
+        time.sleep(0.02)  # until the runs have a cgroup: the middle of the work
+    assert list(parent.glob("devanon-demo-*")), "the demo never made its cgroup"
+    demo.send_signal(signal.SIGTERM)
+    _, err = demo.communicate(timeout=60)
+    assert demo.returncode == 128 + signal.SIGTERM, err
+    assert list(parent.glob("devanon-demo-*")) == []
+    assert set(scratch.glob("devanon-demo-*")) == before

@@ -49,3 +49,21 @@ def test_a_truncated_cow_file_claims_no_block(tmp_path: Path) -> None:
         f.truncate(BS)  # the header alone: cut before the bitmap
     with pytest.raises(ValueError, match="truncated"):
         CowLayer.open(path, 64 * BS, BS)
+
+
+def test_a_cow_file_is_refused_over_another_base_of_the_same_size(tmp_path: Path) -> None:
+    path = tmp_path / "g.cow"
+    CowLayer.create(path, "/a.img", 4 * BS, BS, base_mtime_ns=111).close()
+    with pytest.raises(ValueError, match="modified at 111 ns, not 222"):
+        CowLayer.open(path, 4 * BS, BS, base_mtime_ns=222)
+    CowLayer.open(path, 4 * BS, BS, base_mtime_ns=111).close()
+
+
+def test_a_header_missing_a_key_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "g.cow"
+    CowLayer.create(path, "/a.img", 4 * BS, BS).close()
+    raw = path.read_bytes()
+    header = raw[:BS].rstrip(b"\0").replace(b'"base_size"', b'"base_sighs"')
+    path.write_bytes(header.ljust(BS, b"\0") + raw[BS:])
+    with pytest.raises(ValueError, match=r"g\.cow' is not a devanon COW file .*base_size"):
+        CowLayer.open(path, 4 * BS, BS)

@@ -94,3 +94,16 @@ def test_plan_skips_and_reports_bad_lines(tmp_path: Path) -> None:
     (tmp_path / "junk").write_bytes(b"junk\n")
     with pytest.raises(ValueError, match="is not a devanon plan"):
         Plan.load(tmp_path / "junk")
+
+
+def test_a_cached_image_cut_short_is_built_again(tmp_path: Path) -> None:
+    from devanon.image import cached_image
+
+    make_root(tmp_path / "root")
+    image, manifest = cached_image(tmp_path / "root", tmp_path / "cache")
+    whole = image.read_bytes()
+    with open(image, "r+b") as f:
+        f.truncate(len(whole) - PS)
+    again, manifest2 = cached_image(tmp_path / "root", tmp_path / "cache")
+    assert again == image and again.read_bytes() == whole
+    assert manifest2.to_json() == manifest.to_json()

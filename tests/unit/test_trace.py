@@ -55,8 +55,28 @@ def test_bad_line_is_refused_with_its_number(line: str, words: str) -> None:
         parse_trace(f"# x\nok\t0\t1\n{line}\n", "t.trace")
 
 
+def test_distinct_bytes_of_overlapping_and_huge_reads_walks_no_page() -> None:
+    t = parse_trace(
+        "a\t0\t8192\na\t4096\t8192\nb\t0\t1\na\t100000\t1\n"
+        f"big\t{1 << 50}\t{1 << 50}\n"  # 2**38 pages: a page walk would never end
+    )
+    assert t.distinct_bytes(4096) == (3 + 1 + 1) * 4096 + (1 << 50)
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (f"a\t{'9' * 5000}\t1", "past what a file can hold"),
+        (f"a\t{1 << 62}\t{1 << 62}", "past what a file can hold"),
+    ],
+)
+def test_numbers_past_a_files_size_are_refused_by_line(line: str, words: str) -> None:
+    with pytest.raises(TraceError, match=rf"t\.trace:1: .*{re.escape(words)}"):
+        parse_trace(f"{line}\n", "t.trace")
+
+
 def test_bad_metadata_value_is_refused() -> None:
-    with pytest.raises(TraceError, match=r":1: guest_other_bytes must be an integer, not 'lots'"):
+    with pytest.raises(TraceError, match=r":1: guest_other_bytes must be an integer.*'lots'"):
         parse_trace("# guest_other_bytes: lots\n")
 
 

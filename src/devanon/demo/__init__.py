@@ -59,6 +59,16 @@ def check(options: DemoOptions) -> None:
         raise ValueError(f"--memory must be a positive multiple of 4K, not {options.memory}")
     if options.budget <= 0:
         raise ValueError(f"--budget must be positive, not {options.budget}")
+    if options.plot:  # now, not after minutes of runs
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError(
+                "--plot needs matplotlib: pip install 'devanon[plot]' (scripts/setup installs it)"
+            )
+        where = os.path.dirname(os.path.abspath(options.plot))
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise ValueError(f"--plot {options.plot}: cannot write in {where}")
 
 
 def run(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
@@ -68,7 +78,16 @@ def run(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
     check(options)
     console = console or Console(stderr=options.json)
     workload = load_workload(options.rootfs, options.trace, cache_dir())
-    needed = workload.plan.guest_other_bytes + workload.plan.distinct_bytes
+    plan = workload.plan
+    largest = max(plan.read_length, default=0)
+    floor = plan.guest_other_bytes + (-(-largest // plan.page_size) + 1) * plan.page_size
+    if options.memory < floor:
+        raise DemoError(
+            f"--memory {options.memory} cannot hold a guest: its other memory "
+            f"({plan.guest_other_bytes}) and the page cache for its largest read ({largest} "
+            f"bytes) need {floor}"
+        )
+    needed = plan.guest_other_bytes + plan.distinct_bytes
     if needed > options.memory:
         console.print(
             f"[yellow]note:[/] guest memory {options.memory} < other memory + distinct reads "
@@ -111,14 +130,14 @@ def run(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
         memory=options.memory,
         budget=options.budget,
     )
-    if options.plot:
-        from devanon.demo.plot import plot
-
-        plot(result, options.plot)
     if options.json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
     else:
         _show(console, result, options)
+    if options.plot:  # after the figures are out: a plot that fails loses none of them
+        from devanon.demo.plot import plot
+
+        plot(result, options.plot)
     return result
 
 

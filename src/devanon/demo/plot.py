@@ -16,7 +16,7 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise RuntimeError(
+        raise ValueError(
             "--plot needs matplotlib: pip install 'devanon[plot]' (scripts/setup installs it)"
         ) from None
     modes = result["modes"]
