@@ -56,33 +56,74 @@ def max_map_count_hint(err: OSError) -> OSError:
 
 
 def room_for_calls(calls: list[tuple[int, int, bool]]) -> None:
-    """The max_map_count OSError unless this process has room for every mapping that
-    ``calls`` could make on the way: ``(start, stop, quarantined)`` in address order, each
-    an mmap(MAP_FIXED) of a quarantine or a munmap, of memory mapped now.
+    """The max_map_count OSError unless every one of ``calls`` would go through:
+    ``(start, stop, quarantined)`` in address order, each an mmap(MAP_FIXED) of a
+    quarantine or a munmap, of memory mapped now.
 
-    A call can split the mapping its start or its stop falls strictly inside (one more
-    each); a quarantine adds itself, a munmap removes at least one. A call that starts
-    where the one before stopped starts on a boundary (a quarantine's edge, or a hole).
-    The most the running sum reaches is what must fit.
+    They are played against the mappings /proc/self/maps shows, by the kernel's rules
+    (mm/vma.c, ``vms_gather_munmap_vmas`` and ``do_mmap``): a call that cuts one mapping
+    on both sides is refused while the process holds ``vm.max_map_count`` mappings or
+    more, an mmap while it holds more; a call adds its quarantine and the far piece of a
+    mapping it cuts on both sides, and removes the mappings it covers whole. Neighbours
+    the kernel merges are not counted: they only give room.
     """
-    edges = sorted({edge for start, stop, _ in calls for edge in (start, stop)})
     try:
-        held, inside = _mappings_around(edges)
+        held, facts = _cuts_and_covers(calls)
     except MemoryError:  # at the limit, Python may find no memory for reading the list
         raise _at_the_limit(f"unmapping this takes {len(calls)} calls", -1, -1) from None
-    more = peak = 0
-    stopped = -1
-    for start, stop, quarantined in calls:
-        more += (start != stopped and start in inside) + (stop in inside) - (not quarantined)
-        peak = max(peak, more)
-        stopped = stop
     limit = _max_map_count()
-    if held + peak > limit:
-        raise _at_the_limit(
-            f"unmapping this takes {len(calls)} calls, which could need {peak} more mappings",
-            held,
-            limit,
-        )
+    count = held
+    for (_, _, quarantined), (both_sides, covered) in zip(calls, facts, strict=True):
+        if (quarantined and count > limit) or (both_sides and count >= limit):
+            raise _at_the_limit(
+                f"unmapping this takes {len(calls)} calls, and one of them would be refused "
+                "after others were made",
+                held,
+                limit,
+            )
+        count += quarantined + both_sides - covered
+
+
+def _cuts_and_covers(calls: list[tuple[int, int, bool]]) -> tuple[int, list[tuple[bool, int]]]:
+    """The mappings this process holds, and for each call (made in order): whether it cuts
+    one mapping on both sides, and how many it covers whole once the calls before it are
+    made (a call that starts where the one before stopped starts on a boundary)."""
+    n = len(calls)
+    cut_at_start: list[int | None] = [None] * n
+    cut_at_stop: list[int | None] = [None] * n
+    covered = [0] * n
+    rest_covered = [False] * n  # the mapping cut at the start ends inside the call
+    held, j = 0, 0
+    with open("/proc/self/maps", "rb") as f:
+        for line in f:
+            if line.endswith(b"[vsyscall]\n"):
+                continue
+            held += 1
+            if j == n:
+                continue
+            lo_text, _, hi_text = line.partition(b" ")[0].partition(b"-")
+            lo, hi = int(lo_text, 16), int(hi_text, 16)
+            while j < n and calls[j][1] <= lo:
+                j += 1
+            k = j
+            while k < n and calls[k][0] < hi:
+                start, stop, _ = calls[k]
+                if lo < start < hi:
+                    cut_at_start[k] = held
+                    rest_covered[k] = hi <= stop
+                if lo < stop < hi:
+                    cut_at_stop[k] = held
+                if start <= lo and hi <= stop:
+                    covered[k] += 1
+                k += 1
+    facts = []
+    for k, (start, _, _) in enumerate(calls):
+        if k and calls[k - 1][1] == start:  # the call before cut there already
+            facts.append((False, covered[k] + rest_covered[k]))
+        else:
+            both = cut_at_start[k] is not None and cut_at_start[k] == cut_at_stop[k]
+            facts.append((both, covered[k]))
+    return held, facts
 
 
 def mappings_held() -> tuple[int, int]:
@@ -169,9 +210,16 @@ def opened(label: str, value: object, flags: int) -> tuple[int, str, bool]:
     if isinstance(target, int):
         fd, name, ours = target, f"fd {target}", False
     else:
+        # Looked at before it is opened (opening a FIFO waits for its other end), through
+        # an O_PATH descriptor that is then reopened: the file looked at is the one opened.
         name = target
-        _file_kind(label, name, os.stat(target).st_mode)  # a FIFO: before opening it
-        fd, ours = os.open(target, flags | os.O_NOCTTY | os.O_CLOEXEC), True
+        seen = os.open(target, os.O_PATH | os.O_CLOEXEC)
+        try:
+            _file_kind(label, name, os.fstat(seen).st_mode)
+            fd = os.open(f"/proc/self/fd/{seen}", flags | os.O_NOCTTY | os.O_CLOEXEC)
+        finally:
+            os.close(seen)
+        ours = True
     try:
         try:
             mode = os.fstat(fd).st_mode
@@ -200,6 +248,13 @@ def _file_kind(label: str, name: str, mode: int) -> None:
 
 
 def file_size(fd: int) -> int:
-    """Bytes in a regular file or a block device (whose ``st_size`` is 0)."""
+    """Bytes in a regular file or a block device (whose ``st_size`` is 0: its end, found
+    by lseek, the descriptor's position put back)."""
     st = os.fstat(fd)
-    return os.lseek(fd, 0, os.SEEK_END) if stat.S_ISBLK(st.st_mode) else st.st_size
+    if not stat.S_ISBLK(st.st_mode):
+        return st.st_size
+    here = os.lseek(fd, 0, os.SEEK_CUR)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.lseek(fd, here, os.SEEK_SET)

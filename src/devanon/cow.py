@@ -30,9 +30,9 @@ _HEADER_KEYS: dict[str, type | tuple[type, ...]] = {
     "blocks": int,
     "base": str,
     "base_size": int,
-    "base_mtime_ns": int,
 }
-"""What a header must hold, and of which type."""
+"""What a header must hold, and of which type (``base_mtime_ns`` too, since devanon
+0.1's second COW files: an older one names its base by size alone)."""
 
 
 class CowLayer:
@@ -115,10 +115,15 @@ class CowLayer:
             if not ok or missing:
                 why = f" (its header lacks {', '.join(missing)})" if ok else ""
                 raise ValueError(f"{name!r} is not a devanon COW file{why}")
-            if head["base_mtime_ns"] != base_mtime_ns:
+            made_over = head.get("base_mtime_ns", base_mtime_ns)  # unknown: not refused
+            if not isinstance(made_over, int):
+                raise ValueError(
+                    f"{name!r} is not a devanon COW file (base_mtime_ns {made_over!r})"
+                )
+            if made_over != base_mtime_ns:
                 raise ValueError(
                     f"COW file {name!r} was made over a base modified at "
-                    f"{head['base_mtime_ns']} ns, not {base_mtime_ns}: another image, or one "
+                    f"{made_over} ns, not {base_mtime_ns}: another image, or one "
                     "changed since (UML's 'backing file mismatch')"
                 )
             if head["base_size"] != base_size:

@@ -36,7 +36,7 @@ from bisect import bisect_left, bisect_right
 
 from devanon import _checks, _libc
 from devanon.counts import PageRange
-from devanon.views import ViewTracker
+from devanon.views import ViewTracker, quarantine
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 MEMFD_LABEL_MAX = 249
@@ -126,6 +126,10 @@ class Mapping:
     def _retire(self, address: int, length: int) -> bool:
         """Quarantine a piece if views of this mapping are alive (see ``devanon.views``)."""
         return self._views is not None and self._views.retire(address, length)
+
+    def _hold(self, address: int, length: int) -> bool:
+        """Keep a piece quarantined already if views of this mapping are alive."""
+        return self._views is not None and self._views.hold(address, length)
 
     def __enter__(self) -> Mapping:
         return self
@@ -530,16 +534,14 @@ class Mapper(ABC):
 
     def _calls(self, start: int, stop: int) -> list[tuple[list[_Segment], bool]]:
         """How owned ``[start, stop)`` is unmapped: one call for each stretch of pieces,
-        a quarantine (True) where one mapping has live views, a munmap elsewhere."""
+        a quarantine (True) where mappings have live views, a munmap elsewhere."""
         calls: list[tuple[list[_Segment], bool]] = []
         for seg in self._pieces(start, stop):
             viewed = seg.owner._has_views()
-            if calls and calls[-1][1] == viewed:
-                group = calls[-1][0]
-                if group[-1].stop == seg.start and (not viewed or group[-1].owner is seg.owner):
-                    group.append(seg)
-                    continue
-            calls.append(([seg], viewed))
+            if calls and calls[-1][1] == viewed and calls[-1][0][-1].stop == seg.start:
+                calls[-1][0].append(seg)
+            else:
+                calls.append(([seg], viewed))
         return calls
 
     def _unmap_owned(self, start: int, stop: int) -> None:
@@ -549,11 +551,18 @@ class Mapper(ABC):
             for group, viewed in self._calls(start, stop):
                 first, length = group[0].start, group[-1].stop - group[0].start
                 try:
-                    if not (viewed and group[0].owner._retire(first, length)):
+                    if viewed:
+                        quarantine(first, length)
+                    else:
                         _libc.munmap(first, length)
                 except OSError as e:
                     raise _checks.max_map_count_hint(e) from None
                 done += group
+                if viewed:  # each mapping keeps its piece until its last view dies
+                    for seg in group:
+                        if not seg.owner._hold(seg.start, seg.stop - seg.start):
+                            with contextlib.suppress(OSError):  # at the limit: stays reserved
+                                _libc.munmap(seg.start, seg.stop - seg.start)
         finally:
             if done:
                 self._lose(self._forget(done))

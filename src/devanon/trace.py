@@ -55,7 +55,7 @@ class Trace:
     @property
     def guest_other_bytes(self) -> int:
         """The guest's non-disk memory the trace states (0 if it states none)."""
-        return int(self.meta.get("guest_other_bytes", "0"))
+        return _number(self.meta.get("guest_other_bytes", "0"))
 
     def distinct_bytes(self, page_size: int) -> int:
         """Bytes of the distinct pages the reads touch (what a page cache would hold):
@@ -108,7 +108,7 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
             m = _META.fullmatch(line)
             if m:
                 key, value = m.groups()
-                if key in INT_KEYS and not (_is_int(value) and len(value) <= _MAX_DIGITS):
+                if key in INT_KEYS and not (_is_int(value) and _number(value) < _MAX_FILE):
                     raise TraceError(
                         f"{source}:{lineno}: {key} must be an integer below 2**63, not "
                         f"{value[:40]!r}"
@@ -130,12 +130,7 @@ def parse_trace(text: str, source: str = "<trace>") -> Trace:
                 f"{source}:{lineno}: offset and length must be integers, got "
                 f"{offset_text!r} and {length_text!r}"
             )
-        if max(len(offset_text), len(length_text)) > _MAX_DIGITS:
-            raise TraceError(
-                f"{source}:{lineno}: offset {offset_text[:24]!r}... or length is past what a "
-                "file can hold (2**63 bytes)"
-            )
-        offset, length = int(offset_text), int(length_text)
+        offset, length = _number(offset_text), _number(length_text)
         if offset < 0 or length <= 0:
             raise TraceError(
                 f"{source}:{lineno}: offset must be >= 0 and length > 0, got {offset} and {length}"
@@ -176,6 +171,13 @@ def format_trace(
             raise ValueError(why)
         lines.append(f"{path}\t{offset}\t{length}")
     return "\n".join(lines) + "\n"
+
+
+def _number(digits: str) -> int:
+    """The value of a run of ASCII digits; past ``_MAX_DIGITS`` significant ones, a value
+    surely past any file (``int()`` refuses thousands of digits)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= _MAX_DIGITS else _MAX_FILE << 1
 
 
 def _is_int(text: str) -> bool:

@@ -46,6 +46,15 @@ class ViewTracker:
         view = memoryview(array).cast("B")
         return view.toreadonly() if readonly else view
 
+    def hold(self, address: int, length: int) -> bool:
+        """Keep a range already quarantined (``quarantine``) until the last view dies;
+        False, keeping nothing, if no view is alive (the caller unmaps it itself)."""
+        with self._lock:
+            if self.live == 0:
+                return False
+            self._pending.append((address, length))
+            return True
+
     def retire(self, address: int, length: int) -> bool:
         """Quarantine ``[address, address+length)`` if views are alive; else do nothing.
 
@@ -56,14 +65,7 @@ class ViewTracker:
         with self._lock:
             if self.live == 0:
                 return False
-            _libc.mmap(
-                address,
-                length,
-                _libc.PROT_READ | _libc.PROT_WRITE,
-                _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS | _libc.MAP_FIXED | _libc.MAP_NORESERVE,
-                -1,
-                0,
-            )
+            quarantine(address, length)
             self._pending.append((address, length))
             if self.live == 0:  # the last view died meanwhile (the GC, in this thread)
                 pending, self._pending = self._pending, []
@@ -87,6 +89,20 @@ class ViewTracker:
             except OSError:  # pragma: no cover - only ENOMEM at max_map_count; keep it reserved
                 with self._lock:
                     self._pending.append((address, length))
+
+
+def quarantine(address: int, length: int) -> None:
+    """Replace ``[address, address+length)``, in one call, with private zero memory that
+    nothing else can be mapped over (MAP_FIXED); OSError, changing nothing, if the kernel
+    refuses (ENOMEM at vm.max_map_count)."""
+    _libc.mmap(
+        address,
+        length,
+        _libc.PROT_READ | _libc.PROT_WRITE,
+        _libc.MAP_PRIVATE | _libc.MAP_ANONYMOUS | _libc.MAP_FIXED | _libc.MAP_NORESERVE,
+        -1,
+        0,
+    )
 
 
 _trackers: weakref.WeakSet[ViewTracker] = weakref.WeakSet()

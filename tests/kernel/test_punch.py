@@ -141,6 +141,15 @@ def test_a_block_device_is_punched_and_overlaid_by_its_real_size(
         assert f.read(64 << 10) == bytes(64 << 10) and f.read(4) == b"xxxx"
     with open(backing, "rb") as f:  # the discard reached the backing file: a hole there
         assert os.lseek(f.fileno(), 0, os.SEEK_DATA) == 64 << 10
+    fd = os.open(device, os.O_RDWR)
+    try:  # a descriptor given keeps its position, refused or not
+        os.lseek(fd, PS, os.SEEK_SET)
+        with pytest.raises(ValueError, match="past the end of fd"):
+            devanon.punch_hole(fd, 2 << 20, PS)
+        devanon.punch_hole(fd, 0, PS)
+        assert os.lseek(fd, 0, os.SEEK_CUR) == PS
+    finally:
+        os.close(fd)
     with (
         devanon.Anon(4 * PS) as mem,
         mem.map(0, 4 * PS) as m,

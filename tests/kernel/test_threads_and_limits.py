@@ -117,14 +117,14 @@ def test_a_close_refused_at_max_map_count_punches_what_it_dropped(
 ) -> None:
     mem = devanon.Anon(16 * PS)
     base = mem.map(12 * PS, 4 * PS)
-    # Two mappings placed over base's first pages, at base's own offsets: one kernel VMA.
+    # Two mappings placed over base's pages 0 and 2, at base's own offsets: one kernel VMA.
     first = mem.map(12 * PS, PS, address=base.address)
-    second = mem.map(13 * PS, PS, address=base.address + PS)
+    second = mem.map(14 * PS, PS, address=base.address + 2 * PS)
     first.view()[:] = b"z" * PS
     second.view()[:] = b"g" * PS
-    # Live views: close() quarantines each, one call a mapping. The first call splits the
-    # VMA (the kernel lets that take the process one past the limit), the second is then
-    # refused.
+    # Live views: close() quarantines them, base's page between is munmapped: three calls.
+    # The first cuts the VMA (the kernel lets that take the process one past the limit),
+    # and the third, an mmap, is then refused.
     views = [first.view(), second.view()]
     limit = int(Path("/proc/sys/vm/max_map_count").read_text())
     gc.disable()
@@ -195,6 +195,42 @@ def test_an_unmap_over_viewed_mappings_refused_at_max_map_count_changes_nothing(
         mem.unmap(whole.address + 2 * PS, 10 * PS)  # with room, it goes
         assert bytes(views[0][:2]) == b"\0\0" and first.closed and second.closed
     finally:
+        views.clear()
+        mem.close()
+
+
+@pytest.mark.parametrize("room", [2, 3], ids=["refused", "goes-through"])
+def test_the_room_an_unmap_needs_is_the_kernels_to_the_mapping(
+    sysctl: Callable[[str, int], None], room: int
+) -> None:
+    """Quarantine, munmap, quarantine, munmap, quarantine inside one kernel mapping: the
+    first cuts it on both sides (2 more), each later quarantine cuts one side (1 more; the
+    kernel refuses an mmap only once the process holds more than the limit). So with 3
+    free the kernel makes them all; with 2 it would refuse the third part way: refused
+    before the first, changing nothing."""
+    mem = devanon.Anon(64 * PS)
+    base = mem.map(0, 64 * PS)
+    placed = [mem.map(p * PS, 2 * PS, address=base.address + p * PS) for p in (8, 12, 16)]
+    views = [m.view() for m in placed]
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    gc.disable()
+    try:
+        before = oracle.maps_counts(mem.fd, PS)
+        with open("/proc/self/maps") as f:
+            held = sum(1 for line in f if "[vsyscall]" not in line)
+        sysctl("vm.max_map_count", held + room)
+        if room == 2:
+            with pytest.raises(OSError, match="max_map_count"):
+                mem.unmap(base.address + 8 * PS, 10 * PS)
+            assert oracle.maps_counts(mem.fd, PS) == before
+            assert not any(m.closed for m in placed)
+        else:
+            mem.unmap(base.address + 8 * PS, 10 * PS)
+            assert all(m.closed for m in placed)
+            assert set(oracle.maps_counts(mem.fd, PS)) == {*range(8), *range(18, 64)}
+    finally:
+        sysctl("vm.max_map_count", limit)
+        gc.enable()
         views.clear()
         mem.close()
 

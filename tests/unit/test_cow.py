@@ -67,3 +67,16 @@ def test_a_header_missing_a_key_is_named(tmp_path: Path) -> None:
     path.write_bytes(header.ljust(BS, b"\0") + raw[BS:])
     with pytest.raises(ValueError, match=r"g\.cow' is not a devanon COW file .*base_size"):
         CowLayer.open(path, 4 * BS, BS)
+
+
+def test_a_cow_file_of_an_older_devanon_is_taken_by_its_size(tmp_path: Path) -> None:
+    """Its header has no base_mtime_ns: the base is checked by size alone, as before."""
+    path = tmp_path / "old.cow"
+    with CowLayer.create(path, "/a.img", 4 * BS, BS) as cow:
+        cow.write(Block(1), b"w" * BS)
+    raw = path.read_bytes()
+    header = raw[:BS].rstrip(b"\0").replace(b', "base_mtime_ns": 0', b"")
+    assert b"base_mtime_ns" not in header
+    path.write_bytes(header.ljust(BS, b"\0") + raw[BS:])
+    with CowLayer.open(path, 4 * BS, BS, base_mtime_ns=12345) as cow:
+        assert cow.has(Block(1))

@@ -104,3 +104,13 @@ def test_only_newlines_end_lines() -> None:
     bad = "# x\x0cy\nok\t0\t1\nbad line\n"
     with pytest.raises(TraceError, match=":3:"):
         parse_trace(bad, "t")
+
+
+def test_leading_zeros_do_not_make_a_number_big() -> None:
+    t = parse_trace(f"# guest_other_bytes: {'0' * 5000}7\na\t{'0' * 5000}1\t1\n")
+    assert t.guest_other_bytes == 7 and t.reads[0].offset == 1
+
+
+def test_metadata_past_a_files_size_is_refused() -> None:
+    with pytest.raises(TraceError, match=r":1: guest_other_bytes must be an integer below"):
+        parse_trace(f"# guest_other_bytes: {1 << 63}\n")

@@ -67,6 +67,8 @@ def check(options: DemoOptions) -> None:
                 "--plot needs matplotlib: pip install 'devanon[plot]' (scripts/setup installs it)"
             )
         where = os.path.dirname(os.path.abspath(options.plot))
+        if os.path.isdir(options.plot):
+            raise ValueError(f"--plot {options.plot} is a directory, not a file to write")
         if not os.access(where, os.W_OK | os.X_OK):
             raise ValueError(f"--plot {options.plot}: cannot write in {where}")
 
