@@ -210,15 +210,17 @@ def opened(label: str, value: object, flags: int) -> tuple[int, str, bool]:
     if isinstance(target, int):
         fd, name, ours = target, f"fd {target}", False
     else:
-        # Looked at before it is opened (opening a FIFO waits for its other end), through
-        # an O_PATH descriptor that is then reopened: the file looked at is the one opened.
+        # Looked at before it is opened: opening a FIFO waits for its other end. Opened
+        # without waiting too (should the path change in between), except where a lease
+        # makes that fail at once: then as any open, waiting for the lease to break.
         name = target
-        seen = os.open(target, os.O_PATH | os.O_CLOEXEC)
+        _file_kind(label, name, os.stat(target).st_mode)
+        mode = flags | os.O_NOCTTY | os.O_CLOEXEC
         try:
-            _file_kind(label, name, os.fstat(seen).st_mode)
-            fd = os.open(f"/proc/self/fd/{seen}", flags | os.O_NOCTTY | os.O_CLOEXEC)
-        finally:
-            os.close(seen)
+            fd = os.open(target, mode | os.O_NONBLOCK)
+        except BlockingIOError:
+            fd = os.open(target, mode)
+        os.set_blocking(fd, True)
         ours = True
     try:
         try:

@@ -116,7 +116,7 @@ class CowLayer:
                 why = f" (its header lacks {', '.join(missing)})" if ok else ""
                 raise ValueError(f"{name!r} is not a devanon COW file{why}")
             made_over = head.get("base_mtime_ns", base_mtime_ns)  # unknown: not refused
-            if not isinstance(made_over, int):
+            if type(made_over) is not int:
                 raise ValueError(
                     f"{name!r} is not a devanon COW file (base_mtime_ns {made_over!r})"
                 )

@@ -222,6 +222,9 @@ class Mapper(ABC):
         self._starts: list[int] = []
         self._nmappings = 0
         self._overlays: set[Overlay] = set()
+        self._unreleased: list[tuple[int, int]] = []
+        """Quarantined ranges no view needs, whose munmap the limit refused: tried again
+        at each unmap (a reserved range of zero memory, never anyone's data)."""
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -547,6 +550,7 @@ class Mapper(ABC):
     def _unmap_owned(self, start: int, stop: int) -> None:
         """Unmap owned ``[start, stop)``: quarantine pieces with live views, munmap the rest."""
         done: list[_Segment] = []
+        unheld, self._unreleased = self._unreleased, []
         try:
             for group, viewed in self._calls(start, stop):
                 first, length = group[0].start, group[-1].stop - group[0].start
@@ -559,13 +563,21 @@ class Mapper(ABC):
                     raise _checks.max_map_count_hint(e) from None
                 done += group
                 if viewed:  # each mapping keeps its piece until its last view dies
-                    for seg in group:
-                        if not seg.owner._hold(seg.start, seg.stop - seg.start):
-                            with contextlib.suppress(OSError):  # at the limit: stays reserved
-                                _libc.munmap(seg.start, seg.stop - seg.start)
+                    unheld += [
+                        (s.start, s.stop - s.start)
+                        for s in group
+                        if not s.owner._hold(s.start, s.stop - s.start)
+                    ]
         finally:
             if done:
                 self._lose(self._forget(done))
+            # Pieces whose last view died meanwhile: unmapped after the calls, whose room
+            # was counted without these cuts into a quarantine.
+            for address, length in unheld:
+                try:
+                    _libc.munmap(address, length)
+                except OSError:  # at the limit: reserved until an unmap finds room
+                    self._unreleased.append((address, length))
 
     def _mmap(self, address: int, length: int, prot: int, flags: int, offset: int) -> int:
         try:
@@ -589,6 +601,10 @@ class Mapper(ABC):
                     break
                 stop = seg.stop
             self._unmap_owned(first.start, stop)
+        for address, length in self._unreleased:
+            with contextlib.suppress(OSError):  # still at the limit: the process keeps it
+                _libc.munmap(address, length)
+        self._unreleased.clear()
 
     # -- called by Mapping and Overlay ---------------------------------------------------
 

@@ -235,6 +235,52 @@ def test_the_room_an_unmap_needs_is_the_kernels_to_the_mapping(
         mem.close()
 
 
+def test_a_view_dying_mid_unmap_costs_no_room_the_check_did_not_count(
+    sysctl: Callable[[str, int], None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One quarantine covers the pieces of several viewed mappings. If one of them loses
+    its last view just then (another thread), its piece is unmapped only after the calls:
+    cut out of the quarantine earlier, it would take a mapping the check did not count."""
+    from devanon import mapper
+
+    mem = devanon.Anon(64 * PS)
+    base = mem.map(0, 64 * PS)
+    placed = [mem.map(p * PS, 2 * PS, address=base.address + p * PS) for p in (8, 10, 12, 16)]
+    views = [m.view() for m in placed]
+    real = mapper.quarantine
+
+    def quarantine_then_a_view_dies(address: int, length: int) -> None:
+        real(address, length)
+        if views[1] is not None:
+            views[1] = None  # the middle mapping's last view
+
+    monkeypatch.setattr(mapper, "quarantine", quarantine_then_a_view_dies)
+    limit = int(Path("/proc/sys/vm/max_map_count").read_text())
+    gc.disable()
+    try:
+        with open("/proc/self/maps") as f:  # calls: quarantine, munmap, quarantine
+            held = sum(1 for line in f if "[vsyscall]" not in line)
+        sysctl("vm.max_map_count", held + 2)  # what they need, no more
+        mem.unmap(base.address + 8 * PS, 10 * PS)
+    finally:
+        sysctl("vm.max_map_count", limit)
+        gc.enable()
+    try:
+        assert all(m.closed for m in placed)
+        assert set(oracle.maps_counts(mem.fd, PS)) == {*range(8), *range(18, 64)}
+        base.close()  # with room again, the middle piece (no view needs it) goes too
+        middle = placed[1].address
+        assert not any(lo < middle + 2 * PS and middle < hi for lo, hi in _ranges())
+    finally:
+        views.clear()
+        mem.close()
+
+
+def _ranges() -> list[tuple[int, int]]:
+    with open("/proc/self/maps") as f:
+        return [tuple(int(x, 16) for x in line.split()[0].split("-")) for line in f]  # type: ignore[misc]
+
+
 def test_a_mapping_close_in_two_spans_refused_at_max_map_count_changes_nothing(
     sysctl: Callable[[str, int], None],
 ) -> None:
