@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
 
@@ -39,6 +40,8 @@ from devanon.counts import PageRange
 from devanon.views import ViewTracker, quarantine
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+_mappers: weakref.WeakSet[Mapper] = weakref.WeakSet()
+"""Every Anon and SharedAnon of this process: ``overlay`` takes none of their files."""
 MEMFD_LABEL_MAX = 249
 """Bytes of a memfd's name the kernel takes (NAME_MAX less its "memfd:"): more is EINVAL."""
 _PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
@@ -217,6 +220,10 @@ class Mapper(ABC):
     _writable_fd: bool
 
     def _init_books(self) -> None:
+        st = os.fstat(self.fd)
+        self._file_id = (st.st_dev, st.st_ino)
+        """The backing file, as a mapping of it shows in /proc/PID/maps."""
+        _mappers.add(self)
         self._lock = threading.RLock()
         self._segments: list[_Segment] = []
         self._starts: list[int] = []
@@ -382,11 +389,14 @@ class Mapper(ABC):
         self._check_open()
         fd, label, ours = _checks.opened("file", file, os.O_RDONLY)
         try:
-            st, own = os.fstat(fd), os.fstat(self.fd)
-            if (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino):
+            st = os.fstat(fd)
+            counted = [m for m in list(_mappers) if m._file_id == (st.st_dev, st.st_ino)]
+            if any(m is self or not m.closed for m in counted):
+                what = "its own file" if self in counted else f"the file of {counted[0]!r}"
                 raise ValueError(
-                    f"cannot overlay {self.name!r} with its own file: a private mapping of it "
-                    "would keep copies that no punch frees"
+                    f"cannot overlay {self.name!r} with {what}: a private mapping of it would "
+                    "go uncounted there (its pages punched under it), and keep copies no "
+                    "punch frees"
                 )
             file_size = _checks.file_size(fd)
             if file_offset + length > -(-file_size // PAGE_SIZE) * PAGE_SIZE:

@@ -6,6 +6,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import gc
 import json
 import mmap
 import multiprocessing
@@ -1079,6 +1080,57 @@ def test_verify_sees_a_client_that_maps_without_telling_the_daemon(daemon: Serve
             behind.close()
         assert client.verify("untold") == []
         obj.close()
+
+
+def _view_of_a_forgotten_mapping(path: str, name: str) -> memoryview:
+    """A client of its own, an object, a mapping written to: all dropped, but the view."""
+    c = connect(path)
+    m = c.open(name).map(0, 4 * PS)
+    view = m.view()
+    view[:5] = b"hello"
+    return view
+
+
+def test_a_shared_anon_dropped_with_its_client_gives_its_mappings_back(
+    daemon: Served,
+) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("dropped", 16 * PS, create=True)
+        view = _view_of_a_forgotten_mapping(daemon.socket, "dropped")
+        gc.collect()  # the mapping, its SharedAnon and their Client form a cycle
+        obj.flush()
+        assert kernel_counts(obj.fd, [os.getpid()]) == {}  # unmapped, not left behind
+        assert client.verify("dropped") == []
+        assert obj.resident_bytes() == 0
+        assert bytes(view[:5]) == bytes(5)  # the stale view reads zeros
+        del view
+        obj.close()
+
+
+def test_closing_a_client_closes_what_it_opened(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        obj = client.open("closed-with", 4 * PS, create=True)
+        with connect(daemon.socket) as other:
+            shared = other.open("closed-with")
+            m = shared.map(0, 2 * PS)
+            m.view()[:4] = b"data"
+        assert shared.closed and m.closed
+        assert kernel_counts(obj.fd, [os.getpid()]) == {}
+        assert client.verify("closed-with") == []
+        obj.close()
+
+
+def test_an_overlay_of_another_devanon_objects_file_is_refused(daemon: Served) -> None:
+    with connect(daemon.socket) as client:
+        a = client.open("overlaid-a", 4 * PS, create=True)
+        b = client.open("overlaid-b", 4 * PS, create=True)
+        ma, mb = a.map(0, PS), b.map(0, PS)
+        ma.view()[:4] = b"AAAA"
+        with pytest.raises(ValueError, match=r"the file of <devanon\.SharedAnon 'overlaid-a'"):
+            b.overlay(mb.address, a.fd, 0, PS)  # uncounted by a: punched under it
+        assert client.verify("overlaid-a") == [] and client.verify("overlaid-b") == []
+        for each in (ma, mb, a, b):
+            each.close()
 
 
 def test_a_forked_child_closes_its_copy_cleanly(daemon: Served) -> None:

@@ -377,3 +377,18 @@ def test_a_view_that_dies_while_its_range_is_quarantined_leaves_nothing_reserved
     assert not views
     assert not any(a < start + 2 * PS and start < b for a, b in maps_ranges())
     anon.close()
+
+
+def test_an_overlay_of_another_anons_file_is_refused(tmp_path: Path) -> None:
+    """A private mapping of another Anon's file would go uncounted there: its pages could
+    be punched under the overlay. A disk-backed one is refused by its path too."""
+    with devanon.Anon(4 * PS) as mem, devanon.Anon(4 * PS) as other:
+        m, o = mem.map(0, PS), other.map(0, PS)
+        o.view()[:4] = b"OOOO"
+        with pytest.raises(ValueError, match=r"the file of <devanon\.Anon"):
+            mem.overlay(m.address, other.fd, 0, PS)
+        assert oracle.maps_counts(other.fd, PS) == {0: 1}
+    with devanon.Anon(4 * PS) as mem, devanon.Anon(4 * PS, path=tmp_path / "disk"):
+        m = mem.map(0, PS)
+        with pytest.raises(ValueError, match="the file of"):
+            mem.overlay(m.address, tmp_path / "disk", 0, PS)

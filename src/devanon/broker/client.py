@@ -10,6 +10,7 @@ daemon's view of the object (counts, resident and freed bytes) is what ``map_cou
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -134,6 +135,8 @@ class Client:
         out: ``seq -> (handle, offset, length)``. A yes to one is given back (UNMAP)."""
         self.generation = 0
         """Bumped on every (re)connection: handles belong to one connection."""
+        self._objects: weakref.WeakSet[SharedAnon] = weakref.WeakSet()
+        """What ``open`` returned: ``close`` closes them first."""
         self._sock = self._connect()
         _clients.add(self)
 
@@ -561,7 +564,9 @@ class Client:
             for fd in fds:
                 os.close(fd)
             raise OSError(errno.EPROTO, f"the daemon sent {len(fds)} descriptors for {name!r}")
-        return SharedAnon(self, name, handle, fds[0], real_size, page_size, writable)
+        shared = SharedAnon(self, name, handle, fds[0], real_size, page_size, writable)
+        self._objects.add(shared)
+        return shared
 
     def unlink(self, name: str) -> None:
         """Remove the name; the object goes when its last user lets go (like a file)."""
@@ -608,7 +613,13 @@ class Client:
             after = page[-1][cursor]
 
     def close(self) -> None:
+        """Close every object opened through this connection (their mappings are
+        unmapped: the daemon drops their counts when the connection goes), then the
+        connection."""
         with self._lock:
+            for shared in list(self._objects):
+                with contextlib.suppress(BrokerError):  # daemon gone: unmapped all the same
+                    shared.close()
             self._sock.close()
             self._drop_ring()
 
@@ -743,6 +754,17 @@ class SharedAnon(Mapper):
 
     def close(self) -> None:
         """Unmap everything, tell the daemon we let go, close the descriptor."""
+        self._close(untrack=True)
+
+    def __del__(self) -> None:
+        """A SharedAnon dropped without ``close()`` gives its mappings back, as an Anon
+        does: left mapped, they would outlive the counts the daemon drops when the
+        connection goes, and their pages be punched under them."""
+        with contextlib.suppress(Exception):  # also at interpreter exit, half torn down
+            if not self.closed:
+                self._close(untrack=False)  # (not in a fork hook's walk: see Anon.__del__)
+
+    def _close(self, untrack: bool) -> None:
         with self._lock:
             if self.closed:
                 return
@@ -753,7 +775,8 @@ class SharedAnon(Mapper):
             finally:
                 os.close(self.fd)
                 self.fd = -1
-                forking.untrack(self)
+                if untrack:
+                    forking.untrack(self)
 
     def __enter__(self) -> SharedAnon:
         return self
