@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -42,12 +43,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_broker_commands(commands)
 
     args = parser.parse_args(argv)
+    # SIGTERM (a timeout, a service manager) unwinds as Ctrl-C does, through every
+    # ``finally``: temporary files, cgroups, child processes go (``serve`` has its own).
+    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         status: int = args.run(args)
     except (OSError, ValueError) as e:
         print(f"devanon {args.command}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"devanon {args.command}: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return status
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _size(text: str) -> int:

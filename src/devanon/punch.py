@@ -149,6 +149,7 @@ def punch_hole(file: int | str | os.PathLike[str], offset: int, length: int) -> 
         st, size = os.fstat(fd), _checks.file_size(fd)
         if offset >= size:
             raise ValueError(f"offset {offset} is past the end of {name} (size {size})")
+        length = min(length, size - offset)  # past the end is nothing (KEEP_SIZE)
         punch_range(fd, offset, length, name=name)
         return PunchResult(name, offset, length, st.st_blocks, os.fstat(fd).st_blocks)
     finally:

@@ -22,9 +22,11 @@ that helper's resident set (~9 MiB) as its floor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -198,11 +200,18 @@ def record(
     root_s = os.fspath(root)
     if not os.path.isdir(root_s):
         raise NotADirectoryError(20, f"root {root_s!r} is not a directory")
+    program = command[0]
+    if os.sep in program:  # a path, from cwd
+        found = os.access(os.path.join(cwd or ".", program), os.X_OK)
+    else:
+        found = shutil.which(program) is not None
+    if not found:
+        raise FileNotFoundError(2, f"command {program!r} not found (or not executable)")
     with tempfile.NamedTemporaryFile(prefix="devanon-strace-", suffix=".txt") as log:
         base = [strace, "-f", "-qq", "-y", "-s", "0", "-e", f"trace={TRACED}", "-o", log.name]
-        code, rss = _run([*base, "--seccomp-bpf", "--", *command], cwd)
-        if code != 0 and os.path.getsize(log.name) == 0:  # an strace without --seccomp-bpf
-            code, rss = _run([*base, "--", *command], cwd)
+        if _has_seccomp_bpf(strace):  # the command runs once: it may not be safe twice
+            base.append("--seccomp-bpf")
+        code, rss = _run([*base, "--", *command], cwd)
         with open(log.name, encoding="utf-8", errors="surrogateescape") as f:
             rec = parse_strace(f, root_s, mmaps=mmaps)
     rec.exit_code = code
@@ -246,16 +255,32 @@ os.write(out, b"%d %d" % (os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1
 """
 
 
+def _has_seccomp_bpf(strace: str) -> bool:
+    """Whether this strace takes ``--seccomp-bpf`` (5.3 and later: far less overhead)."""
+    probe = [strace, "-f", "-qq", "--seccomp-bpf", "-e", "trace=none", "-o", os.devnull, "true"]
+    return subprocess.run(probe, capture_output=True, check=False).returncode == 0
+
+
 def _run(argv: list[str], cwd: str | None) -> tuple[int, int]:
-    """Run ``argv`` from the small helper: (exit code, peak RSS of its largest process)."""
+    """Run ``argv`` from the small helper: (exit code, peak RSS of its largest process).
+    The helper, strace and the command are a process group of their own, killed if this
+    process is interrupted (Ctrl-C, SIGTERM) rather than left running."""
     r, w = os.pipe()
     try:
         helper = [sys.executable, "-I", "-S", "-c", _HELPER, str(w), *argv]
-        proc = subprocess.Popen(helper, cwd=cwd, stdin=subprocess.DEVNULL, pass_fds=(w,))
+        proc = subprocess.Popen(
+            helper, cwd=cwd, stdin=subprocess.DEVNULL, pass_fds=(w,), start_new_session=True
+        )
         os.close(w)
         w = -1
-        answer = os.read(r, 100).split()
-        proc.wait()
+        try:
+            answer = os.read(r, 100).split()
+            proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
     finally:
         os.close(r)
         if w >= 0:

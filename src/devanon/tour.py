@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from devanon.anon import Anon
+from devanon.anon import PAGE_SIZE, Anon
 from devanon.punch import punch_hole
 from devanon.sizes import format_size
 
@@ -48,6 +48,11 @@ def data_bytes(fd: int, size: int) -> int:
 
 def run(size: int = 256 << 20, report: Callable[[Step], None] | None = None) -> list[Step]:
     """Run the tour on an Anon of ``size`` bytes; returns the steps."""
+    if size <= 0 or size % (2 * PAGE_SIZE):
+        raise ValueError(
+            f"--size {size} is not a positive multiple of 2 pages ({2 * PAGE_SIZE}): the "
+            "tour maps halves of it"
+        )
     steps: list[Step] = []
     with Anon(size, name="devanon-tour") as mem:
 

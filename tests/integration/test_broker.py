@@ -530,6 +530,44 @@ def test_a_live_daemon_is_not_replaced_and_a_stale_socket_is(socket_dir: Path) -
     assert served.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("flags", "code", "words"),
+    [
+        (["--socket-mode=-1"], 2, "'-1' is not a mode between 0 and 0777"),
+        (["--socket-mode", "999"], 2, "'999' is not an octal mode"),
+        (["--socket-group", "no-such-group-here"], 1, "'no-such-group-here': no such group"),
+        (["--metrics-port", "70000"], 2, "'70000' is not a port between 0 and 65535"),
+        (["--metrics-port", "BUSY"], 1, "--metrics-port"),
+        (["--metrics-textfile", "/nonexistent-dir/m.prom"], 1, "/nonexistent-dir/m.prom"),
+    ],
+)
+def test_serve_with_a_bad_flag_says_which_and_leaves_no_socket(
+    socket_dir: Path, flags: list[str], code: int, words: str
+) -> None:
+    path = socket_dir / "bad-flag.sock"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "devanon.cli",
+                "serve",
+                "--socket",
+                str(path),
+                *[port if f == "BUSY" else f for f in flags],
+            ],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    assert done.returncode == code and words in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert not path.exists()
+
+
 def test_serve_never_replaces_a_file_that_is_not_a_socket(socket_dir: Path) -> None:
     path = socket_dir / "not-a-socket"
     path.write_text("precious")

@@ -44,6 +44,13 @@ def test_punch_hole_frees_the_range_and_keeps_the_rest(data_file: Path) -> None:
     assert after[1 << 20 : 3 << 20] == bytes(2 << 20)
 
 
+def test_a_length_past_the_end_punches_to_the_end_at_once(data_file: Path) -> None:
+    result = devanon.punch_hole(data_file, 1 << 20, 1 << 62)  # was ~2**35 calls
+    assert result.length == 3 << 20
+    with open(data_file, "rb") as f:
+        assert oracle.data_pages(f.fileno(), 4 << 20, PS) == set(range(256))
+
+
 def test_punch_hole_takes_an_open_descriptor(data_file: Path) -> None:
     fd = os.open(data_file, os.O_RDWR)
     try:

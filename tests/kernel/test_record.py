@@ -80,3 +80,22 @@ def test_record_without_a_command_is_refused(
         pytest.skip("needs strace")
     assert main(["trace", "record", "-o", str(tmp_path / "t"), "--"]) == 1
     assert "no command to record" in capsys.readouterr().err
+
+
+@needs_strace
+def test_a_failing_command_runs_once_and_a_missing_one_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = tmp_path / "runs"
+    script = tmp_path / "once.sh"
+    script.write_text(f"#!/bin/sh\necho ran >> {runs}\nexit 3\n")
+    script.chmod(0o755)
+    out = tmp_path / "t.trace"
+    assert (
+        main(["trace", "record", "-o", str(out), "--root", str(tmp_path), "--", str(script)]) == 0
+    )
+    assert runs.read_text() == "ran\n"  # once, though it failed (it may not be safe twice)
+    assert load_trace(out).meta["exit_code"] == "3"
+    missing = tmp_path / "no-such-command"
+    assert main(["trace", "record", "-o", str(out), "--", str(missing)]) == 1
+    assert f"command {str(missing)!r} not found" in capsys.readouterr().err

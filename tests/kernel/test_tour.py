@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -25,3 +31,27 @@ def test_tour_json_reports_what_the_kernel_holds(capsys: pytest.CaptureFixture[s
 def test_tour_table_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tour", "--size", "4M"]) == 0
     assert "st_blocks" in capsys.readouterr().out
+
+
+def test_a_size_the_tour_cannot_halve_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tour", "--size", "12K"]) == 1
+    assert "--size 12288 is not a positive multiple of 2 pages" in capsys.readouterr().err
+
+
+def test_sigterm_mid_tour_leaves_no_file_behind(tmp_path: Path) -> None:
+    """SIGTERM unwinds as Ctrl-C does: the tour's scratch file goes."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    tour = subprocess.Popen(
+        [sys.executable, "-m", "devanon.cli", "tour", "--size", "1G"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until its scratch file exists: in the middle of the work
+    assert list(tmp_path.iterdir()), "the tour never made its scratch file"
+    tour.send_signal(signal.SIGTERM)
+    _, err = tour.communicate(timeout=60)
+    assert tour.returncode == 128 + signal.SIGTERM, err
+    assert list(tmp_path.iterdir()) == []

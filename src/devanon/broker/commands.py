@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import grp
 import json
 import sys
 from typing import Any
@@ -24,7 +25,7 @@ def add_commands(commands: Any) -> None:
     )
     serve.add_argument(
         "--socket-mode",
-        type=lambda s: int(s, 8),
+        type=_octal_mode,
         default=0o600,
         help="socket permissions, octal (0600: the owner alone)",
     )
@@ -38,7 +39,7 @@ def add_commands(commands: Any) -> None:
     )
     serve.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         help="serve Prometheus metrics on 127.0.0.1: every object's name and figures, to "
         "any local user (a textfile's mode can keep them to some)",
     )
@@ -64,6 +65,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _run_daemon(args: argparse.Namespace) -> int:
     path = args.socket or default_socket_path()
+    if args.socket_group is not None:
+        try:
+            grp.getgrnam(args.socket_group)
+        except KeyError:
+            raise ValueError(f"--socket-group {args.socket_group!r}: no such group") from None
+    if not 0 <= args.spin_us < float("inf"):
+        raise ValueError(f"--spin-us must be a number of microseconds >= 0, not {args.spin_us}")
     daemon = Daemon(
         path,
         socket_mode=args.socket_mode,
@@ -74,7 +82,11 @@ def _run_daemon(args: argparse.Namespace) -> int:
     if args.metrics_port is not None or args.metrics_textfile is not None:
         from devanon.broker.metrics import export
 
-        export(daemon, port=args.metrics_port, textfile=args.metrics_textfile)
+        try:
+            export(daemon, port=args.metrics_port, textfile=args.metrics_textfile)
+        except BaseException:
+            daemon.close()  # its socket goes: no stale one left for the next start
+            raise
     print(f"devanon serve: listening on {path} (mode {args.socket_mode:04o})", flush=True)
     daemon.serve_forever()
     return 0
@@ -119,3 +131,25 @@ def _stat(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 1 if bad else 0
+
+
+def _octal_mode(text: str) -> int:
+    """``--socket-mode``: octal permission bits, 0 to 0777."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an octal mode such as 0660") from None
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a mode between 0 and 0777")
+    return mode
+
+
+def _port(text: str) -> int:
+    """``--metrics-port``: a TCP port, 0 to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port between 0 and 65535")
+    return port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -10,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from devanon.broker.server import Daemon
+
+log = logging.getLogger("devanon.broker")
 
 _GAUGES = {
     "size": ("devanon_object_size_bytes", "Size of the object"),
@@ -77,15 +80,23 @@ def export(
     registry = CollectorRegistry()
     registry.register(DaemonCollector(daemon))
     if port is not None:
-        start_http_server(port, addr="127.0.0.1", registry=registry)
+        try:
+            start_http_server(port, addr="127.0.0.1", registry=registry)
+        except OSError as e:
+            raise OSError(e.errno, f"--metrics-port {port}: {e.strerror}") from None
     stop = threading.Event()
     if textfile is not None:
+        try:  # once now: a file that cannot be written is an error at start, not later
+            write_to_textfile(textfile, registry)
+        except OSError as e:
+            raise OSError(e.errno, f"--metrics-textfile {textfile}: {e.strerror}") from None
 
         def write() -> None:
-            while True:
-                write_to_textfile(textfile, registry)
-                if stop.wait(interval):
-                    return
+            while not stop.wait(interval):
+                try:
+                    write_to_textfile(textfile, registry)
+                except OSError as e:  # a full disk, say: said, and tried again
+                    log.warning("metrics textfile %s: %s", textfile, e)
 
         threading.Thread(target=write, name="devanon-metrics", daemon=True).start()
     return stop

@@ -218,6 +218,10 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop())
 
+    def close(self) -> None:
+        """Let go of everything without serving (a start that failed after the bind)."""
+        self._shutdown()
+
     def stop(self) -> None:
         self._stop = True
         with contextlib.suppress(OSError):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import Any
 
@@ -59,21 +58,12 @@ def _demo(args: argparse.Namespace) -> int:
         json=args.json,
         plot=args.plot,
     )
-    # SIGTERM (a timeout, a service manager) cleans up as Ctrl-C does: the launcher, the
-    # cgroups and the scratch directory go in the runs' ``finally`` blocks.
-    previous = signal.signal(signal.SIGTERM, _exit_on_signal)
-    try:
+    try:  # SIGTERM unwinds as Ctrl-C (devanon.cli): launcher, cgroups, scratch go
         run(options)
     except (DemoError, LauncherError) as e:
         print(f"devanon demo: {e}", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     return 0
-
-
-def _exit_on_signal(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 def add_trace_command(commands: Any) -> None:
