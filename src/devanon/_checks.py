@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 
 
 def integer(label: str, value: object) -> int:
@@ -94,13 +95,9 @@ def _cuts_and_covers(calls: list[tuple[int, int, bool]]) -> tuple[int, list[tupl
     covered = [0] * n
     rest_covered = [False] * n  # the mapping cut at the start ends inside the call
     held, j = 0, 0
-    with open("/proc/self/maps", "rb") as f:
-        for line in f:
-            if line.endswith(b"[vsyscall]\n"):
-                continue
-            held += 1
-            if j == n:
-                continue
+    for line in _maps_lines():
+        held += 1
+        if j < n:
             lo_text, _, hi_text = line.partition(b" ")[0].partition(b"-")
             lo, hi = int(lo_text, 16), int(hi_text, 16)
             while j < n and calls[j][1] <= lo:
@@ -128,7 +125,7 @@ def _cuts_and_covers(calls: list[tuple[int, int, bool]]) -> tuple[int, list[tupl
 
 def mappings_held() -> tuple[int, int]:
     """``(mappings this process holds, vm.max_map_count)``."""
-    return _mappings_around([])[0], _max_map_count()
+    return sum(1 for _ in _maps_lines()), _max_map_count()
 
 
 def _max_map_count() -> int:
@@ -136,26 +133,13 @@ def _max_map_count() -> int:
         return int(f.read())
 
 
-def _mappings_around(addresses: list[int]) -> tuple[int, set[int]]:
-    """How many mappings this process holds (/proc/self/maps less [vsyscall], which the
-    kernel does not count), and which of the sorted ``addresses`` fall strictly inside
-    one. Read line by line: near the limit there is little room for a list of them all."""
-    held, inside, i = 0, set(), 0
+def _maps_lines() -> Iterator[bytes]:
+    """The lines of /proc/self/maps the kernel counts as mappings (all but [vsyscall]),
+    read one at a time: near the limit there is little room for a list of them all."""
     with open("/proc/self/maps", "rb") as f:
         for line in f:
-            if line.endswith(b"[vsyscall]\n"):
-                continue
-            held += 1
-            if i == len(addresses):
-                continue
-            lo_text, _, hi_text = line.partition(b" ")[0].partition(b"-")
-            lo, hi = int(lo_text, 16), int(hi_text, 16)
-            while i < len(addresses) and addresses[i] <= lo:
-                i += 1
-            while i < len(addresses) and addresses[i] < hi:
-                inside.add(addresses[i])
-                i += 1
-    return held, inside
+            if not line.endswith(b"[vsyscall]\n"):
+                yield line
 
 
 def _at_the_limit(what: str, held: int, limit: int) -> OSError:

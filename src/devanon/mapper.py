@@ -357,8 +357,7 @@ class Mapper(ABC):
             self._check_open()
             self._before_op()
             self._check_owned(address, length)
-            self._check_room([(address, address + length)])
-            self._unmap_owned(address, address + length)
+            self._unmap_spans([(address, address + length)])
 
     def overlay(
         self,
@@ -537,13 +536,16 @@ class Mapper(ABC):
         if overlay._pieces == 0:
             self._overlays.discard(overlay)
 
-    def _check_room(self, spans: list[tuple[int, int]]) -> None:
-        """Refuse, before any call, an unmap of owned ``spans`` that takes more than one
-        call if the process could run out of mappings part way (vm.max_map_count): so
-        that the refusal changes nothing. The calls are those ``_unmap_owned`` makes."""
-        calls = [call for start, stop in spans for call in self._calls(start, stop)]
+    def _unmap_spans(self, spans: list[tuple[int, int]]) -> None:
+        """Unmap owned ``spans``, refused before any call if it takes more than one and
+        the process could run out of mappings part way (vm.max_map_count): so that the
+        refusal changes nothing."""
+        plans = [self._calls(start, stop) for start, stop in spans]
+        calls = [(g[0].start, g[-1].stop, viewed) for plan in plans for g, viewed in plan]
         if len(calls) > 1:
-            _checks.room_for_calls([(g[0].start, g[-1].stop, viewed) for g, viewed in calls])
+            _checks.room_for_calls(calls)
+        for plan in plans:
+            self._make_calls(plan)
 
     def _calls(self, start: int, stop: int) -> list[tuple[list[_Segment], bool]]:
         """How owned ``[start, stop)`` is unmapped: one call for each stretch of pieces,
@@ -559,10 +561,15 @@ class Mapper(ABC):
 
     def _unmap_owned(self, start: int, stop: int) -> None:
         """Unmap owned ``[start, stop)``: quarantine pieces with live views, munmap the rest."""
+        self._make_calls(self._calls(start, stop))
+
+    def _make_calls(self, calls: list[tuple[list[_Segment], bool]]) -> None:
+        """Make the calls ``_calls`` planned for one stretch, and forget what they unmapped
+        (the pieces done before a call that fails included)."""
         done: list[_Segment] = []
         unheld, self._unreleased = self._unreleased, []
         try:
-            for group, viewed in self._calls(start, stop):
+            for group, viewed in calls:
                 first, length = group[0].start, group[-1].stop - group[0].start
                 try:
                     if viewed:
@@ -583,11 +590,16 @@ class Mapper(ABC):
                 self._lose(self._forget(done))
             # Pieces whose last view died meanwhile: unmapped after the calls, whose room
             # was counted without these cuts into a quarantine.
-            for address, length in unheld:
-                try:
-                    _libc.munmap(address, length)
-                except OSError:  # at the limit: reserved until an unmap finds room
-                    self._unreleased.append((address, length))
+            self._release(unheld)
+
+    def _release(self, ranges: list[tuple[int, int]]) -> None:
+        """munmap quarantined ranges no view needs; those the limit refuses are kept in
+        ``_unreleased``, tried again at the next unmap."""
+        for address, length in ranges:
+            try:
+                _libc.munmap(address, length)
+            except OSError:  # at the limit: reserved until an unmap finds room
+                self._unreleased.append((address, length))
 
     def _mmap(self, address: int, length: int, prot: int, flags: int, offset: int) -> int:
         try:
@@ -611,10 +623,8 @@ class Mapper(ABC):
                     break
                 stop = seg.stop
             self._unmap_owned(first.start, stop)
-        for address, length in self._unreleased:
-            with contextlib.suppress(OSError):  # still at the limit: the process keeps it
-                _libc.munmap(address, length)
-        self._unreleased.clear()
+        unheld, self._unreleased = self._unreleased, []
+        self._release(unheld)  # what the limit still refuses, the process keeps
 
     # -- called by Mapping and Overlay ---------------------------------------------------
 
@@ -675,9 +685,7 @@ class Mapper(ABC):
                     spans[-1][1] = seg.stop
                 else:
                     spans.append([seg.start, seg.stop])
-            self._check_room([(start, stop) for start, stop in spans])
-            for start, stop in spans:
-                self._unmap_owned(start, stop)
+            self._unmap_spans([(start, stop) for start, stop in spans])
 
     def _release_overlay(self, overlay: Overlay) -> None:
         with self._lock:

@@ -66,10 +66,8 @@ class ViewTracker:
             if self.live == 0:
                 return False
             quarantine(address, length)
-            self._pending.append((address, length))
-            if self.live == 0:  # the last view died meanwhile (the GC, in this thread)
-                pending, self._pending = self._pending, []
-                self._unmap(pending)
+            if not self.hold(address, length):  # the last view died meanwhile (the GC)
+                self._unmap([(address, length)])
             return True
 
     def _view_died(self, writer: bool) -> None:

@@ -662,7 +662,7 @@ def _reopen(
     """Open, in an unpickling process, the object a SharedAnon was pickled from: the same
     memfd (``identity``: its device and inode), not a newer object of the same name."""
     shared = shared_client(path).open(name, writable=writable)
-    if identity is not None and _identity(shared.fd) != identity:
+    if identity is not None and shared._file_id != identity:
         shared.close()
         raise FileNotFoundError(
             errno.ENOENT,
@@ -670,11 +670,6 @@ def _reopen(
             "a new one made under its name)",
         )
     return shared
-
-
-def _identity(fd: int) -> tuple[int, int]:
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
 
 
 def _after_fork_in_child() -> None:
@@ -785,7 +780,7 @@ class SharedAnon(Mapper):
         self.close()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        identity = None if self.closed else _identity(self.fd)
+        identity = None if self.closed else self._file_id
         return (_reopen, (self.client.path, self.name, self._writable_fd, identity))
 
     def __repr__(self) -> str:
