@@ -34,7 +34,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from devanon.anon import PAGE_SIZE
-from devanon.trace import check_path, format_trace
+from devanon.trace import check_path, distinct_bytes, format_trace
 
 TRACED = "openat,open,creat,read,pread64,readv,preadv,preadv2,lseek,mmap,close"
 
@@ -217,16 +217,13 @@ def record(
     rec.exit_code = code
     rec.max_rss_bytes = rss
     other = other_bytes if other_bytes is not None else -(-rss // PAGE_SIZE) * PAGE_SIZE
-    distinct = len(
-        {(p, pg) for p, o, n in rec.reads for pg in range(o // PAGE_SIZE, -(-(o + n) // PAGE_SIZE))}
-    )
     header: dict[str, object] = {
         "command": " ".join(command),
         "root": os.path.realpath(root_s),
         "recorded_with": "strace -f -y (devanon trace record)",
         "mmaps": "recorded as reads of the mapped range" if mmaps else "not recorded",
         "reads": len(rec.reads),
-        "distinct_bytes": distinct * PAGE_SIZE,
+        "distinct_bytes": distinct_bytes(rec.reads, PAGE_SIZE),
         "outside_root_reads": rec.outside_root,
         "guest_other_bytes": other,
         "guest_other_source": "given"

@@ -58,27 +58,26 @@ class Trace:
         return _number(self.meta.get("guest_other_bytes", "0"))
 
     def distinct_bytes(self, page_size: int) -> int:
-        """Bytes of the distinct pages the reads touch (what a page cache would hold):
-        the union of their page ranges, file by file (never a walk over the pages)."""
-        ranges = sorted(
-            (r.path, r.offset // page_size, _end_page(r, page_size)) for r in self.reads
-        )
-        pages, path, stop = 0, None, 0
-        for p, first, last in ranges:
-            if p != path:
-                path, stop = p, 0
-            if last > stop:
-                pages += last - max(first, stop)
-                stop = last
-        return pages * page_size
+        """Bytes of the distinct pages the reads touch (what a page cache would hold)."""
+        return distinct_bytes(((r.path, r.offset, r.length) for r in self.reads), page_size)
 
     def total_bytes(self) -> int:
         """Bytes read, counting every read (repeats included)."""
         return sum(r.length for r in self.reads)
 
 
-def _end_page(r: TraceRead, page_size: int) -> int:
-    return -(-(r.offset + r.length) // page_size)
+def distinct_bytes(reads: Iterable[tuple[str, int, int]], page_size: int) -> int:
+    """Bytes of the distinct pages that reads ``(path, offset, length)`` touch: the union
+    of their page ranges, file by file (never a walk over the pages)."""
+    ranges = sorted((p, o // page_size, -(-(o + n) // page_size)) for p, o, n in reads)
+    pages, path, stop = 0, None, 0
+    for p, first, last in ranges:
+        if p != path:
+            path, stop = p, 0
+        if last > stop:
+            pages += last - max(first, stop)
+            stop = last
+    return pages * page_size
 
 
 def check_path(path: str) -> str | None:

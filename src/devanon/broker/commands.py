@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import grp
 import json
 import sys
 from typing import Any
@@ -65,11 +64,6 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _run_daemon(args: argparse.Namespace) -> int:
     path = args.socket or default_socket_path()
-    if args.socket_group is not None:
-        try:
-            grp.getgrnam(args.socket_group)
-        except KeyError:
-            raise ValueError(f"--socket-group {args.socket_group!r}: no such group") from None
     if not 0 <= args.spin_us < float("inf"):
         raise ValueError(f"--spin-us must be a number of microseconds >= 0, not {args.spin_us}")
     daemon = Daemon(

@@ -163,7 +163,8 @@ class Daemon:
         meanwhile may have the number now)."""
         self._buf = bytearray(wire.MAX_MESSAGE + 1)
         self._view = memoryview(self._buf)
-        self._listener, self._bound = self._listen(path, socket_mode, socket_group)
+        gid = None if socket_group is None else _group_id(socket_group)  # before the bind
+        self._listener, self._bound = self._listen(path, socket_mode, gid)
         """``_bound``: the socket file we bound (device, inode): the one to unlink when we
         stop, not one another daemon may have bound there since."""
         self._reserve = -1
@@ -192,7 +193,7 @@ class Daemon:
     # -- life ------------------------------------------------------------------------------
 
     @staticmethod
-    def _listen(path: str, mode: int, group: str | None) -> tuple[socket.socket, tuple[int, int]]:
+    def _listen(path: str, mode: int, gid: int | None) -> tuple[socket.socket, tuple[int, int]]:
         """The listening socket, and the (device, inode) of its file. Listening comes
         right after the bind: a socket nobody listens on looks stale to another daemon
         starting meanwhile, which would replace it."""
@@ -207,8 +208,8 @@ class Daemon:
             sock.listen(128)
         finally:
             os.umask(old_umask)
-        if group is not None:
-            os.chown(path, -1, grp.getgrnam(group).gr_gid)
+        if gid is not None:
+            os.chown(path, -1, gid)
         os.chmod(path, mode)
         sock.setblocking(False)
         return sock, (st.st_dev, st.st_ino)
@@ -1064,6 +1065,14 @@ def _pins_shown(obj: SharedObject, procs: dict[int, int]) -> set[int]:
         for pin in obj.pins
         if any(pipes[pin.lifeline] in held for pid, held in written.items() if pid != pin.pid)
     }
+
+
+def _group_id(group: str) -> int:
+    """The gid of the socket's group; ValueError naming it if there is none."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ValueError(f"socket group {group!r}: no such group") from None
 
 
 def _check_lifeline(fd: int) -> None:
