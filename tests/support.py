@@ -103,8 +103,9 @@ def kernel_counts(fd: int, pids: list[int]) -> dict[int, int]:
     return counts
 
 
-def run_child(body: Callable[[], int]) -> int:
-    """Fork, run ``body()`` in the child (its return value is the exit code), wait."""
+def start_child(body: Callable[[], int]) -> int:
+    """Fork and run ``body()`` in the child (its return value is the exit code, 1 if it
+    raises); returns the child's pid at once, for a parent that talks to it meanwhile."""
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -112,4 +113,9 @@ def run_child(body: Callable[[], int]) -> int:
             code = body()
         finally:
             os._exit(code)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return pid
+
+
+def run_child(body: Callable[[], int]) -> int:
+    """Fork, run ``body()`` in the child (its return value is the exit code), wait."""
+    return os.waitstatus_to_exitcode(os.waitpid(start_child(body), 0)[1])

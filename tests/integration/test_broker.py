@@ -36,6 +36,7 @@ from support import (
     interrupt_once,
     kernel_counts,
     run_child,
+    start_child,
     unmap_every_mapping_of,
 )
 
@@ -724,22 +725,20 @@ def test_forked_children_inherit_only_what_is_registered(daemon: Served) -> None
         private.view()[:] = b"p" * 4 * PS
         r, w = os.pipe()
         go_r, go_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                os.close(go_w)
-                os.read(go_r, 1)  # the parent has unmapped everything by now
-                ok = bytes(kept.view()) == b"k" * 4 * PS
-                c = obj.map(4 * PS, PS)  # the child's own, on its own connection
-                ok = ok and bytes(c.view()) == bytes(PS)  # the parent's pages were punched
-                c.close()
-                kept.close()
-                os.write(w, b"1" if ok else b"0")
-                code = 0
-            finally:
-                os._exit(code)
+
+        def child() -> int:
+            os.close(r)
+            os.close(go_w)
+            os.read(go_r, 1)  # the parent has unmapped everything by now
+            ok = bytes(kept.view()) == b"k" * 4 * PS
+            c = obj.map(4 * PS, PS)  # the child's own, on its own connection
+            ok = ok and bytes(c.view()) == bytes(PS)  # the parent's pages were punched
+            c.close()
+            kept.close()
+            os.write(w, b"1" if ok else b"0")
+            return 0
+
+        pid = start_child(child)
         os.close(w)
         os.close(go_r)
         assert obj.map_count(0) == 2  # ours and the child's pin
@@ -767,24 +766,22 @@ def test_verify_counts_a_forked_childs_copy_once_when_the_child_is_a_client(
         kept.view()[:1] = b"k"
         ready_r, ready_w = os.pipe()
         done_r, done_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(ready_r)
-                os.close(done_w)
-                own = obj.map(PS, PS)  # the child's own: it becomes a client
-                grandchild = os.fork()  # inherits page 0, and the pipe's write end
-                if grandchild == 0:
-                    os.read(done_r, 1)
-                    os._exit(0)
-                os.write(ready_w, b"r")
+
+        def child() -> int:
+            os.close(ready_r)
+            os.close(done_w)
+            own = obj.map(PS, PS)  # the child's own: it becomes a client
+            grandchild = os.fork()  # inherits page 0, and the pipe's write end
+            if grandchild == 0:
                 os.read(done_r, 1)
-                own.close()
-                os.waitpid(grandchild, 0)
-                code = 0
-            finally:
-                os._exit(code)
+                os._exit(0)
+            os.write(ready_w, b"r")
+            os.read(done_r, 1)
+            own.close()
+            os.waitpid(grandchild, 0)
+            return 0
+
+        pid = start_child(child)
         os.close(ready_w)
         os.close(done_r)
         assert os.read(ready_r, 1) == b"r"

@@ -7,7 +7,7 @@ import os
 
 import oracle
 import pytest
-from support import run_child
+from support import run_child, start_child
 
 import devanon
 
@@ -49,21 +49,19 @@ def test_an_inherited_mapping_outlives_the_parents_unmap() -> None:
         m.view()[:] = b"i" * 8 * PS
         to_child_r, to_child_w = os.pipe()
         to_parent_r, to_parent_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(to_child_w)
-                os.close(to_parent_r)
-                assert oracle.maps_counts(mem.fd, PS) == dict.fromkeys(range(8), 1)
-                os.write(to_parent_w, b"1")
-                os.read(to_child_r, 1)  # the parent has unmapped by now
-                view = m.view()
-                assert bytes(view) == b"i" * 8 * PS
-                view[0] = ord("k")
-                code = 0
-            finally:
-                os._exit(code)
+
+        def child() -> int:
+            os.close(to_child_w)
+            os.close(to_parent_r)
+            assert oracle.maps_counts(mem.fd, PS) == dict.fromkeys(range(8), 1)
+            os.write(to_parent_w, b"1")
+            os.read(to_child_r, 1)  # the parent has unmapped by now
+            view = m.view()
+            assert bytes(view) == b"i" * 8 * PS
+            view[0] = ord("k")
+            return 0
+
+        pid = start_child(child)
         os.close(to_child_r)
         os.close(to_parent_w)
         assert os.read(to_parent_r, 1) == b"1"
