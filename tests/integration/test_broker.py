@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_daemon import Served, start_daemon, wait_for
+from broker_daemon import Served, daemon_descriptors, start_daemon, wait_for
 from support import (
     data_pages,
     interrupt_after_next_mmap,
@@ -1611,7 +1611,7 @@ def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_
     with connect(daemon.socket) as client:
         obj = client.open("fds", 4 * PS, create=True)
         m = obj.map(0, PS)
-        before = len(os.listdir(f"/proc/{pid}/fd"))
+        before = len(daemon_descriptors(pid))
         raw = _raw(daemon.socket)
         opened = _reply(raw, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"fds"))
         pin = wire.pack_ranges(wire.OPENED.unpack(opened)[0], [(0, PS)])
@@ -1646,7 +1646,7 @@ def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_
         raw.close()
         m.close()
         assert obj.map_count(0) == 0 and client.verify("fds") == []
-        assert wait_for(lambda: len(os.listdir(f"/proc/{pid}/fd")) == before)  # none leaked
+        assert wait_for(lambda: len(daemon_descriptors(pid)) == before)  # none leaked
         obj.close()
 
 

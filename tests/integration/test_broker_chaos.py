@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from broker_daemon import Served, wait_for
+from broker_daemon import Served, daemon_descriptors, wait_for
 from support import data_pages
 
 from devanon.broker import Client, SharedAnon, connect
@@ -290,15 +290,6 @@ def group_exists(pgid: int) -> bool:
 
 
 # -- the daemon from outside -----------------------------------------------------------------
-
-
-def daemon_descriptors(pid: int) -> dict[int, str]:
-    """The daemon's open descriptors and what each points at."""
-    links: dict[int, str] = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(FileNotFoundError):
-            links[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
-    return links
 
 
 def daemon_memfds(pid: int) -> Counter[str]:

@@ -16,7 +16,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
-from broker_daemon import Served, start_daemon, wait_for
+from broker_daemon import Served, daemon_descriptors, start_daemon, wait_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import data_pages, interrupt_once, kernel_counts
@@ -296,7 +296,7 @@ def test_fuzzed_rings_leave_nothing_changed_once_their_client_is_gone(
         keep = victim.map(0, 4 * PS)
         keep.view()[:] = b"v" * 4 * PS
         before = client.stat("victim")[0]
-        fds_before = sorted(os.listdir(f"/proc/{daemon.process.pid}/fd"))
+        fds_before = daemon_descriptors(daemon.process.pid)
         sock, handle, ring = _raw_with_ring(daemon.socket, "victim")
         assert handle == 1
         for record in records:
@@ -317,7 +317,7 @@ def test_fuzzed_rings_leave_nothing_changed_once_their_client_is_gone(
             assert after[key] == before[key], key
         assert [victim.map_count(p * PS) for p in range(8)] == [1] * 4 + [0] * 4
         assert bytes(keep.view()) == b"v" * 4 * PS and client.verify("victim") == []
-        assert wait_for(lambda: sorted(os.listdir(f"/proc/{daemon.process.pid}/fd")) == fds_before)
+        assert wait_for(lambda: daemon_descriptors(daemon.process.pid) == fds_before)
         assert daemon.process.poll() is None
         keep.close()
         victim.close()

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from broker_daemon import Served, start_daemon, wait_for
+from broker_daemon import Served, daemon_descriptors, start_daemon, wait_for
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -645,17 +645,6 @@ def fresh_victim(client: Client) -> Iterator[Victim]:
             client.unlink(VICTIM)
 
 
-def daemon_fds(pid: int) -> dict[int, str]:
-    """The daemon's open descriptors and what each one is."""
-    fds: dict[int, str] = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            fds[int(name)] = os.readlink(f"/proc/{pid}/fd/{name}")
-        except FileNotFoundError:
-            continue
-    return fds
-
-
 def victim_counts(victim: Victim) -> list[int]:
     return [victim.shared.map_count(page * PS) for page in range(VICTIM_PAGES)]
 
@@ -686,8 +675,8 @@ def assert_victim_intact_and_nothing_leaked(
     extra.close()
     assert victim.shared.map_count(ROUND_TRIP_PAGE * PS) == 0
     assert victim.shared.resident_bytes() == victim.resident  # the written page was punched
-    unchanged = wait_for(lambda: len(daemon_fds(session.pid)) == len(fds_before), SETTLE)
-    after = daemon_fds(session.pid)
+    unchanged = wait_for(lambda: len(daemon_descriptors(session.pid)) == len(fds_before), SETTLE)
+    after = daemon_descriptors(session.pid)
     assert unchanged, (
         f"daemon descriptors: gained {sorted(set(after.items()) - set(fds_before.items()))}, "
         f"lost {sorted(set(fds_before.items()) - set(after.items()))}"
@@ -727,7 +716,7 @@ def test_fuzzed_wire_input_changes_no_count_and_leaks_nothing(
     for info in session.client.stat():  # what a failed example may have left
         session.client.unlink(info["name"])
     with fresh_victim(session.client) as victim:
-        fds_before = daemon_fds(session.pid)
+        fds_before = daemon_descriptors(session.pid)
         local = LocalFds()
         try:
             fuzz(session, script, local)
@@ -770,7 +759,7 @@ def test_a_pin_refused_for_room_leaves_the_daemon_serving(socket_dir: Path) -> N
             shared = client.open("pins", PS, create=True)
             mapping = shared.map(0, PS)
             mapping.view()[:4] = b"kept"
-            fds_before = len(daemon_fds(served.process.pid))
+            fds_before = len(daemon_descriptors(served.process.pid))
             sock = raw_connection(served.socket)
             handle = open_on(sock, "pins")
             assert handle is not None
@@ -799,7 +788,7 @@ def test_a_pin_refused_for_room_leaves_the_daemon_serving(socket_dir: Path) -> N
             assert shared.map_count(0) == 1
             assert bytes(mapping.view()[:4]) == b"kept"
             sock.close()
-            assert wait_for(lambda: len(daemon_fds(served.process.pid)) == fds_before)
+            assert wait_for(lambda: len(daemon_descriptors(served.process.pid)) == fds_before)
             mapping.close()
             shared.close()
     finally:
