@@ -3,7 +3,9 @@
 The command runs under ``strace -f -y`` (every process and thread it starts; ``-y`` prints
 the path behind each file descriptor). Each successful ``read``/``readv`` (at the
 descriptor's position, which ``openat``, ``lseek`` and the reads themselves move),
-``pread64``/``preadv`` (at their offset) and, unless told not to, each ``mmap`` of a file
+``pread64``/``preadv`` (at their offset), each copy out of a file by ``sendfile``,
+``copy_file_range`` or ``splice`` (at the offset given, else at the position, which it
+moves: ``cat`` copies this way) and, unless told not to, each ``mmap`` of a file
 (the mapped range, clipped to the file: a guest would fault those pages in) of a file under
 ``root`` becomes a trace line, the path relative to ``root``. Reads of files outside the
 root are counted, not recorded.
@@ -36,10 +38,17 @@ from dataclasses import dataclass, field
 from devanon.anon import PAGE_SIZE
 from devanon.trace import check_path, distinct_bytes, format_trace
 
-TRACED = "openat,open,creat,read,pread64,readv,preadv,preadv2,lseek,mmap,close"
+TRACED = (
+    "openat,open,creat,read,pread64,readv,preadv,preadv2,lseek,mmap,close,"
+    "sendfile,?sendfile64,copy_file_range,splice"
+)
+_COPIES = frozenset({"sendfile", "sendfile64", "copy_file_range", "splice"})
+"""Calls that read a file into another descriptor without a buffer of the caller's."""
 
 _LINE = re.compile(r"^(\d+)\s+(\w+)\((.*)\)\s+=\s+(-?\d+|0x[0-9a-fA-F]+)(?:<(.*)>)?")
 _FD = re.compile(r"^(-?\d+)<(.*?)>(?:, |$)")
+_GIVEN_OFFSET = re.compile(r"^\[(\d+)")
+"""A copy's input offset, when given: ``[10000] => [13000]`` (sendfile), ``[50000]``."""
 _ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|[0-7]{1,3}|.)")
 
 
@@ -117,7 +126,10 @@ def parse_strace(
                 pos[(pid, ret)] = 0
             continue
         fm = _FD.match(args) if call != "mmap" else None
-        if call == "mmap":
+        if call in ("sendfile", "sendfile64") and fm is not None:  # (out_fd, in_fd, ...)
+            args = args[fm.end() :]
+            fm = _FD.match(args)
+        elif call == "mmap":
             parts = args.split(", ")
             if len(parts) < 6 or "<" not in parts[4] or ret < 0:
                 continue
@@ -144,6 +156,14 @@ def parse_strace(
             offset = int(_number_at(rest, -1))
         elif call == "preadv2":  # (fd, iov, iovcnt, offset, flags)
             offset = int(_number_at(rest, -2))
+        elif call in _COPIES:  # the input descriptor, then its offset or NULL
+            given = _GIVEN_OFFSET.match(rest)
+            if given is not None:
+                offset = int(given.group(1))
+            else:
+                offset = pos.get(key, 0)
+                if ret > 0:
+                    pos[key] = offset + ret
         elif call == "mmap":
             if not mmaps:
                 continue

@@ -51,6 +51,44 @@ def test_records_reads_relative_to_the_root(
     assert "reads of 2 files" in capsys.readouterr().out
 
 
+COPIER = """
+import os
+fi = os.open("in.bin", os.O_RDONLY)
+fo = os.open(os.environ["OUT"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+os.sendfile(fo, fi, None, 5000)
+os.sendfile(fo, fi, 10000, 3000)
+os.copy_file_range(fi, fo, 2000)
+os.copy_file_range(fi, fo, 1000, 50000)
+r, w = os.pipe()
+os.splice(fi, w, 700)
+os.read(fi, 10)
+"""
+
+
+@needs_strace
+def test_records_copies_out_of_files(tmp_path: Path) -> None:
+    """A program that copies with sendfile, copy_file_range and splice (as ``cat`` does)
+    reads what it copies: the trace has those bytes, at the right offsets."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "in.bin").write_bytes(b"z" * 100_000)
+    out = tmp_path / "t.trace"
+    program = f"import os\nos.chdir({str(root)!r})\n{COPIER}"
+    env = f"OUT={tmp_path / 'copy.bin'}"
+    argv = ["trace", "record", "-o", str(out), "--root", str(root), "--other-bytes", "1M"]
+    code = main([*argv, "--", "env", env, sys.executable, "-I", "-S", "-c", program])
+    assert code == 0
+    reads = [(r.path, r.offset, r.length) for r in load_trace(out).reads]
+    assert reads == [
+        ("in.bin", 0, 5000),
+        ("in.bin", 10000, 3000),
+        ("in.bin", 5000, 2000),
+        ("in.bin", 50000, 1000),
+        ("in.bin", 7000, 700),
+        ("in.bin", 7700, 10),
+    ]
+
+
 @needs_strace
 def test_measures_guest_other_bytes(tmp_path: Path) -> None:
     out = tmp_path / "t.trace"

@@ -51,3 +51,33 @@ def test_preadv2_offsets_and_escaped_utf8_paths(tmp_path: Path) -> None:
 """
     rec = parse_strace(log.splitlines(keepends=True), r)
     assert rec.reads == [("plain", 8192, 100), ("plain", 4096, 100), ("café", 0, 100)]
+
+
+def test_copies_out_of_a_file_at_their_offset_or_the_position(tmp_path: Path) -> None:
+    """sendfile, copy_file_range and splice, as strace 6.1 prints them: an offset given is
+    used and leaves the position; NULL reads at the position and moves it."""
+    r = str(tmp_path)
+    i, o = f"3<{r}/in.bin>", "4</tmp/out.bin>"
+    log = f"""\
+100 openat(AT_FDCWD, "{r}/in.bin", O_RDONLY|O_CLOEXEC) = 3<{r}/in.bin>
+100 sendfile({o}, {i}, NULL, 5000) = 5000
+100 sendfile({o}, {i}, [10000] => [13000], 3000) = 3000
+100 copy_file_range({i}, NULL, {o}, NULL, 2000, 0) = 2000
+100 copy_file_range({i}, [50000], {o}, NULL, 1000, 0) = 1000
+100 splice({i}, NULL, 6<pipe:[3174614]>, NULL, 700, 0) = 700
+100 splice({i}, [60000 => 60300], 6<pipe:[3174614]>, NULL, 300, 0) = 300
+100 read({i}, ""..., 10) = 10
+100 sendfile({i}, 5</etc/passwd>, NULL, 10) = 10
+100 copy_file_range({i}, NULL, {o}, NULL, 2000, 0) = -1 EXDEV (Invalid cross-device link)
+"""
+    rec = parse_strace(log.splitlines(keepends=True), r)
+    assert rec.reads == [
+        ("in.bin", 0, 5000),
+        ("in.bin", 10000, 3000),
+        ("in.bin", 5000, 2000),
+        ("in.bin", 50000, 1000),
+        ("in.bin", 7000, 700),
+        ("in.bin", 60000, 300),
+        ("in.bin", 7700, 10),
+    ]
+    assert rec.outside_root == 1  # the sendfile from /etc/passwd: its input, not its output
