@@ -1,4 +1,7 @@
-"""Human sizes for the command line: ``4096``, ``0x1000``, ``4K``, ``2M``, ``1G``, ``1GiB``."""
+"""Human sizes for the command line: ``4096``, ``0x1000``, ``4K``, ``2M``, ``1G``, ``1GiB``.
+
+Decimal unless ``0x``: ``010`` is ten (as ``dd`` and ``truncate`` read it). A ``b`` after the
+digits of a hex number is a digit (``0x1b`` is 27), elsewhere it means bytes (``3kb``)."""
 
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ def parse_size(text: str) -> int:
     if match is None:
         raise ValueError(f"not a size: {text!r} (try 4096, 0x1000, 4K, 2M, 1G)")
     number, unit = match.groups()
-    return int(number, 0) * _UNITS[unit.upper()]
+    value = int(number, 16) if number[:2].lower() == "0x" else int(number, 10)  # 010 is ten
+    return value * _UNITS[unit.upper()]
 
 
 def format_size(n: int) -> str:

@@ -200,6 +200,11 @@ def test_cli_punch_errors_are_one_clear_line(tmp_path: Path) -> None:
         ("1G", 1 << 30),
         ("1GiB", 1 << 30),
         ("3 kb", 3072),
+        ("010", 10),
+        ("0010K", 10 << 10),
+        ("0x1b", 27),
+        ("0X1BK", 27 << 10),
+        ("12b", 12),
     ],
 )
 def test_sizes(text: str, value: int) -> None:
