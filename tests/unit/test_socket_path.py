@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from devanon.broker import server
+from devanon.broker.client import Client
 from devanon.broker.server import default_socket_path
 
 
@@ -65,3 +66,27 @@ def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
     os.chown(path, 65534, 65534)
     with pytest.raises(PermissionError, match="owner uid 65534"):
         server._private_directory(str(path))
+
+
+def test_a_path_too_long_for_a_unix_socket_is_named_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    """107 bytes bind; 108 get a ValueError naming the path, from the daemon (which makes
+    no directory for it) and from the client, where Python's own error named neither the
+    path nor the limit (and the client then blamed a missing daemon)."""
+    base = str(tmp_path / "d") + "/"
+    fits = base + "x" * (server.SOCKET_PATH_MAX - len(base))
+    too_long = fits + "x"
+    assert len(os.fsencode(fits)) == server.SOCKET_PATH_MAX
+    sock, _ = server.Daemon._listen(fits, 0o600, None)
+    sock.close()
+    assert stat.S_ISSOCK(os.lstat(fits).st_mode)
+    os.unlink(fits)
+    os.rmdir(base)
+    with pytest.raises(ValueError, match=rf"{too_long}.*\(108 bytes, over 107\)"):
+        server.Daemon._listen(too_long, 0o600, None)
+    assert not os.path.exists(base)
+    with pytest.raises(ValueError, match=rf"{too_long}.*108 bytes"):
+        Client(too_long)
+    with pytest.raises(ValueError, match="NUL"):
+        Client("/tmp/a\0b")

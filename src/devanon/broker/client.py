@@ -27,7 +27,7 @@ from typing import Any, NoReturn, TypeVar
 from devanon import _libc, forking
 from devanon.broker import protocol as wire
 from devanon.broker import ring as rings
-from devanon.broker.server import default_socket_path
+from devanon.broker.server import checked_socket_path, default_socket_path
 from devanon.counts import PageRange
 from devanon.mapper import Mapper
 
@@ -106,7 +106,7 @@ class Client:
     def __init__(
         self, path: str | None = None, *, spin: float = 200e-6, ring: bool | None = None
     ) -> None:
-        self.path = path or default_socket_path()
+        self.path = checked_socket_path(path or default_socket_path())
         self.spin = spin
         self._ring_wanted = rings.SUPPORTED if ring is None else bool(ring)
         self._ring: rings.ClientRing | None = None

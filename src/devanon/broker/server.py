@@ -106,6 +106,25 @@ def default_socket_path(*, make_private: bool = True) -> str:
     return os.path.join(runtime, "devanon.sock")
 
 
+SOCKET_PATH_MAX = 107
+"""Bytes a Unix socket's path may have: ``sun_path`` (108) less its NUL (unix(7))."""
+
+
+def checked_socket_path(path: str) -> str:
+    """``path``, if a Unix socket can have it; else ValueError naming it (Python's own
+    error, "AF_UNIX path too long", names neither the path nor the limit)."""
+    if not isinstance(path, str):
+        raise TypeError(f"socket path must be a str, not {type(path).__name__}: {path!r}")
+    size = len(os.fsencode(path))
+    if size > SOCKET_PATH_MAX or not path or "\0" in path:
+        why = f"{size} bytes, over {SOCKET_PATH_MAX}" if size > SOCKET_PATH_MAX else "empty or NUL"
+        raise ValueError(
+            f"socket path {path!r} cannot be a Unix socket's ({why}): choose a shorter one, "
+            "e.g. with DEVANON_SOCKET"
+        )
+    return path
+
+
 def _private_directory(path: str) -> str:
     """``path``, made a directory of this user's alone (0700) unless it is one already.
     Anyone may create a name in /tmp first: a directory someone else owns, or a symlink,
@@ -197,6 +216,7 @@ class Daemon:
         """The listening socket, and the (device, inode) of its file. Listening comes
         right after the bind: a socket nobody listens on looks stale to another daemon
         starting meanwhile, which would replace it."""
+        checked_socket_path(path)
         _raise_descriptor_limit()
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         _remove_stale_socket(path)
