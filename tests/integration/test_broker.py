@@ -902,9 +902,10 @@ def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
             )
             m.close()
             obj.close()
+            text = textfile.read_text()
     finally:
         assert served.stop() == 0
-    text = textfile.read_text()
+    assert not textfile.exists()  # a stopped daemon leaves no figures that look live
     (labels,) = re.findall(r"^devanon_object_size_bytes\{(.*)\} ", text, re.M)
     assert sorted(labels.split(",")) == [f'inode="{inode}"', 'name="metered"']
     assert re.search(r"^devanon_daemon_crowded [01]\.0$", text, re.M)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -73,16 +74,21 @@ def _run_daemon(args: argparse.Namespace) -> int:
         spin=args.spin_us * 1e-6,
     )
     daemon.install_signal_handlers()
+    stop_metrics: Callable[[], None] | None = None
     if args.metrics_port is not None or args.metrics_textfile is not None:
         from devanon.broker.metrics import export
 
         try:
-            export(daemon, port=args.metrics_port, textfile=args.metrics_textfile)
+            stop_metrics = export(daemon, port=args.metrics_port, textfile=args.metrics_textfile)
         except BaseException:
             daemon.close()  # its socket goes: no stale one left for the next start
             raise
-    print(f"devanon serve: listening on {path} (mode {args.socket_mode:04o})", flush=True)
-    daemon.serve_forever()
+    try:
+        print(f"devanon serve: listening on {path} (mode {args.socket_mode:04o})", flush=True)
+        daemon.serve_forever()
+    finally:
+        if stop_metrics is not None:
+            stop_metrics()  # the textfile goes with the socket
     return 0
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -74,9 +76,10 @@ def export(
     port: int | None = None,
     textfile: str | None = None,
     interval: float = 5.0,
-) -> threading.Event:
+) -> Callable[[], None]:
     """Serve metrics on 127.0.0.1:``port`` and/or rewrite ``textfile`` every ``interval``
-    seconds; returns an event that stops the textfile writer."""
+    seconds; returns what stops the textfile writer and removes the file (a daemon that
+    stopped cleanly leaves no figures behind that look live)."""
     registry = CollectorRegistry()
     registry.register(DaemonCollector(daemon))
     if port is not None:
@@ -84,19 +87,28 @@ def export(
             start_http_server(port, addr="127.0.0.1", registry=registry)
         except OSError as e:
             raise OSError(e.errno, f"--metrics-port {port}: {e.strerror}") from None
+    if textfile is None:
+        return lambda: None
+    try:  # once now: a file that cannot be written is an error at start, not later
+        write_to_textfile(textfile, registry)
+    except OSError as e:
+        raise OSError(e.errno, f"--metrics-textfile {textfile}: {e.strerror}") from None
     stop = threading.Event()
-    if textfile is not None:
-        try:  # once now: a file that cannot be written is an error at start, not later
-            write_to_textfile(textfile, registry)
-        except OSError as e:
-            raise OSError(e.errno, f"--metrics-textfile {textfile}: {e.strerror}") from None
 
-        def write() -> None:
-            while not stop.wait(interval):
-                try:
-                    write_to_textfile(textfile, registry)
-                except OSError as e:  # a full disk, say: said, and tried again
-                    log.warning("metrics textfile %s: %s", textfile, e)
+    def write() -> None:
+        while not stop.wait(interval):
+            try:
+                write_to_textfile(textfile, registry)
+            except OSError as e:  # a full disk, say: said, and tried again
+                log.warning("metrics textfile %s: %s", textfile, e)
 
-        threading.Thread(target=write, name="devanon-metrics", daemon=True).start()
-    return stop
+    writer = threading.Thread(target=write, name="devanon-metrics", daemon=True)
+    writer.start()
+
+    def close() -> None:
+        stop.set()
+        writer.join()  # not in the middle of a write, whose rename would bring it back
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(textfile)
+
+    return close
