@@ -380,7 +380,7 @@ class MapCounts:
             dense = self._dense[chunk]
             if stop - start <= _VECTOR_RUNS:
                 low = min(dense[start - base : stop - base])
-                return start + dense.index(low, start - base), low
+                return base + dense.index(low, start - base, stop - base), low
             part = _numpy(dense)[start - base : stop - base]
             i = int(part.argmin())
             return start + i, int(part[i])

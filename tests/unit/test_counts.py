@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import collections
 import itertools
+import re
 
 import pytest
 from hypothesis import event, settings
@@ -197,9 +198,17 @@ class CountsMachine(RuleBasedStateMachine):
             return
         event("remove refused")
         before = list(self.counts.runs())
-        with pytest.raises(ValueError, match="is not mapped"):
+        with pytest.raises(ValueError, match="is not mapped") as refused:
             self.counts.remove(start, stop, n)
         assert list(self.counts.runs()) == before
+        # The page it names is in the range, and has the count it says, under n.
+        named = re.fullmatch(
+            rf"page (\d+) is not mapped {n} times \(its count is (\d+)\)", str(refused.value)
+        )
+        assert named is not None, str(refused.value)
+        page, count = int(named[1]), int(named[2])
+        assert start <= page < stop and count < n
+        assert count == next(c for a, b, c in model_runs(self.intervals) if a <= page < b)
 
     @rule(page=pages)
     def probe(self, page: int) -> None:
@@ -368,3 +377,19 @@ def test_compact_undoes_the_dense_form_a_removal_made() -> None:
     counts.add(5, 6)
     counts.compact(5, 6, keep=was_dense)
     assert counts.ndense() == 1 and was_dense == {0}
+
+
+def test_a_refused_remove_in_a_dense_chunk_names_the_page() -> None:
+    """The page named is the one without the counts (it was the chunk's index of it, added
+    to the range's start: page 3 was named as page 6)."""
+    counts = MapCounts(64, chunk_pages=16)
+    for page in range(0, 16, 2):
+        counts.add(page, page + 1)
+    counts.add(16, 32)  # a second chunk, as runs
+    assert counts.ndense() == 1
+    with pytest.raises(ValueError, match=r"^page 1 is not mapped 1 times \(its count is 0\)$"):
+        counts.remove(0, 2)
+    with pytest.raises(ValueError, match=r"^page 3 is not mapped 1 times \(its count is 0\)$"):
+        counts.remove(2, 4)
+    with pytest.raises(ValueError, match=r"^page 15 is not mapped 1 times"):
+        counts.remove(14, 20)
