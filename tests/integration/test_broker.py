@@ -241,6 +241,7 @@ def _as_nobody(conn: Connection, path: str) -> None:
             client.unlink("public")
         except PermissionError as e:
             result["unlink"] = str(e)
+            result["unlink_errno"] = e.errno
     conn.send(result)
 
 
@@ -259,9 +260,11 @@ def test_another_uid_gets_what_the_mode_allows(daemon: Served) -> None:
         assert "read-only" in result["map_writable"]
         assert result["visible"] == ["public"]
         assert "may not read 'private'" in result["private"]
+        assert "owner" not in result["private"] and "0600" not in result["private"]
         assert "may not read 'private'" in result["private_sized"]
         assert str(4 * PS) not in result["private_sized"]
         assert "only the owner" in result["unlink"]
+        assert result["unlink_errno"] == errno.EPERM  # as unlink(2) in a sticky directory
         assert public.map_count(0) == 1
         m.close()
         public.close()
@@ -644,6 +647,90 @@ def _reply(sock: socket.socket, message: bytes, fds: list[int] | None = None) ->
         os.close(fd)
     assert wire.REPLY.unpack_from(data)[1] == wire.STATUS_OK, data
     return data[wire.REPLY.size :]
+
+
+def _status(sock: socket.socket, message: bytes) -> tuple[int, int]:
+    """Send; the reply's status and errno (0 on success)."""
+    sock.send(message)
+    data, fds, _, _ = socket.recv_fds(sock, wire.MAX_MESSAGE, 4)
+    for fd in fds:
+        os.close(fd)
+    status = wire.REPLY.unpack_from(data)[1]
+    return status, (wire.ERROR.unpack_from(data, wire.REPLY.size)[0] if status else 0)
+
+
+def test_a_give_back_drops_only_the_refused_map_it_names(daemon: Served) -> None:
+    """A seq used again by an accepted MAP, or a give-back of another range, is not
+    taken for the refusal: the pages are given back (they stayed counted for good)."""
+    with connect(daemon.socket) as client:
+        obj = client.open("given", 8 * PS, create=True)
+        raw = _raw(daemon.socket)
+        opened = _reply(raw, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, 0) + b"given"))
+        handle = wire.OPENED.unpack(opened)[0]
+
+        def one(op: wire.Op, seq: int, offset: int, flags: int = 0) -> bytes:
+            return wire.request(op, seq, wire.pack_ranges(handle, [(offset, PS)]), flags)
+
+        give_back = wire.FLAG_NOREPLY | wire.FLAG_GIVE_BACK
+        assert _status(raw, one(wire.Op.MAP, 7, 64 * PS))[0] == wire.STATUS_ERROR  # refused
+        assert _status(raw, one(wire.Op.MAP, 7, 0)) == (wire.STATUS_OK, 0)  # seq 7 again
+        raw.send(one(wire.Op.UNMAP, 7, 0, give_back))
+        assert _status(raw, wire.request(wire.Op.SYNC, 8)) == (wire.STATUS_OK, 0)
+        assert obj.map_count(0) == 0  # given back, not dropped as the refusal's
+
+        assert _status(raw, one(wire.Op.MAP, 9, 64 * PS))[0] == wire.STATUS_ERROR
+        assert _status(raw, one(wire.Op.MAP, 10, PS)) == (wire.STATUS_OK, 0)
+        raw.send(one(wire.Op.UNMAP, 9, PS, give_back))  # seq 9, another range
+        assert _status(raw, wire.request(wire.Op.SYNC, 11)) == (wire.STATUS_OK, 0)
+        assert obj.map_count(PS) == 0
+
+        # The refusal it names is dropped, as before.
+        assert _status(raw, one(wire.Op.MAP, 12, 2 * PS)) == (wire.STATUS_OK, 0)
+        assert _status(raw, one(wire.Op.MAP, 13, 64 * PS))[0] == wire.STATUS_ERROR
+        raw.send(one(wire.Op.UNMAP, 13, 64 * PS, give_back))
+        assert _status(raw, wire.request(wire.Op.SYNC, 14)) == (wire.STATUS_OK, 0)
+        assert obj.map_count(2 * PS) == 1
+
+        # GIVE_BACK anywhere else is refused, and changes nothing; a reply comes.
+        for message in (
+            one(wire.Op.UNMAP, 15, 2 * PS, wire.FLAG_GIVE_BACK),  # waits for a reply
+            one(wire.Op.MAP, 16, 3 * PS, wire.FLAG_GIVE_BACK),
+            wire.request(
+                wire.Op.UNMAP, 17, wire.pack_ranges(handle, [(2 * PS, PS)] * 2), give_back
+            ),
+        ):
+            assert _status(raw, message) == (wire.STATUS_ERROR, errno.EINVAL), message
+        assert [obj.map_count(i * PS) for i in range(4)] == [0, 0, 1, 0]
+        raw.close()
+        assert wait_for(lambda: obj.map_count(2 * PS) == 0)
+        obj.close()
+
+
+def test_an_open_the_daemon_has_no_descriptor_for_creates_nothing(daemon: Served) -> None:
+    """At its descriptor limit, a creating OPEN gets EMFILE and leaves no object behind
+    (the object was made and kept, and counted against its owner's quota)."""
+    pid = daemon.process.pid
+    before = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:
+        with connect(daemon.socket) as client:
+            held = len(os.listdir(f"/proc/{pid}/fd"))
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (held + 6, before[1]))
+            for i in range(12):
+                try:
+                    client.open(f"fd-{i}", PS, create=True).close()
+                except OSError as e:
+                    assert e.errno == errno.EMFILE, e
+                    refused = f"fd-{i}"
+                    break
+            else:
+                raise AssertionError("the daemon never ran out of descriptors")
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
+            assert refused not in {o["name"] for o in client.stat()}
+            with pytest.raises(FileNotFoundError):
+                client.open(refused)
+            client.open(refused, PS, create=True).close()  # room again: made now
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, before)
 
 
 def test_a_garbage_sending_client_is_cut_off_and_others_go_on(daemon: Served) -> None:

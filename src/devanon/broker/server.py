@@ -85,9 +85,10 @@ class Peer:
     wake_owed: bool = False
     """A ring reply went to a client asleep waiting for one: a WAKE is sent when the pass
     over its ring is done (one a pass, however many replies)."""
-    refused_maps: dict[int, None] = field(default_factory=dict)
-    """The seqs of the last one-range MAPs refused (``_REFUSALS_KEPT``), oldest first: a
-    give-back of one of them is dropped (``wire.FLAG_GIVE_BACK``)."""
+    refused_maps: dict[int, tuple[int, int, int]] = field(default_factory=dict)
+    """The last one-range MAPs refused (``_REFUSALS_KEPT``), oldest first: seq -> (handle,
+    offset, length). A give-back of one of them (the same seq and range) is dropped
+    (``wire.FLAG_GIVE_BACK``); a MAP said yes to under a seq used again clears it."""
 
 
 def default_socket_path(*, make_private: bool = True) -> str:
@@ -563,26 +564,41 @@ class Daemon:
         yes and the count: a yes that cannot be sent, or finds no room in the ring, cuts
         the client off without it, and a WAKE is sent only after the pass
         (``_serve_ring``)."""
+        if (
+            flags & wire.FLAG_GIVE_BACK
+            and op == wire.Op.UNMAP
+            and flags & wire.FLAG_NOREPLY
+            and peer.refused_maps.get(seq) == (handle, offset, length)
+        ):
+            del peer.refused_maps[seq]  # that MAP was refused: nothing to give back
+            return False
         obj = peer.handles.get(handle)
         try:
             if obj is None:
                 raise ValueError(f"no open handle {handle}")
             first, last = obj.page_range(offset, length)
             if op == wire.Op.MAP:
+                if flags & wire.FLAG_GIVE_BACK:
+                    raise ValueError(_GIVE_BACK_RULE)
                 obj.room_for(peer.id, 1)
                 self._answer(peer, op, seq, ring)
                 if peer.id in self.peers:  # not cut off by the answer
                     obj.map_one(peer.id, first, last)
+                    if peer.refused_maps:  # a seq used again names this MAP from now on
+                        peer.refused_maps.pop(seq, None)
                 return True
-            if flags & wire.FLAG_GIVE_BACK and seq in peer.refused_maps:
-                del peer.refused_maps[seq]  # that MAP was refused: nothing to give back
-                return False
+            if flags & wire.FLAG_GIVE_BACK and not flags & wire.FLAG_NOREPLY:
+                raise ValueError(_GIVE_BACK_RULE)
             obj.unmap_one(peer.id, first, last)
-        except ValueError as e:
-            self._refuse(peer, op, flags, seq, errno.EINVAL, str(e), ring)
-            return True
-        except OSError as e:
-            self._refuse(peer, op, flags, seq, e.errno or errno.EIO, e.strerror or str(e), ring)
+        except (ValueError, OSError) as e:
+            if op == wire.Op.MAP:
+                peer.refused_maps[seq] = (handle, offset, length)
+                if len(peer.refused_maps) > _REFUSALS_KEPT:
+                    del peer.refused_maps[next(iter(peer.refused_maps))]
+            if isinstance(e, ValueError):
+                self._refuse(peer, op, flags, seq, errno.EINVAL, str(e), ring)
+            else:
+                self._refuse(peer, op, flags, seq, e.errno or errno.EIO, e.strerror or str(e), ring)
             return True
         if not flags & wire.FLAG_NOREPLY:
             self._answer(peer, op, seq, ring)
@@ -608,10 +624,6 @@ class Daemon:
     ) -> None:
         """Refuse a one-range request. The error and its text go on the socket; a ring
         request that wants an answer also gets an error status in the ring, after it."""
-        if op == wire.Op.MAP:
-            peer.refused_maps[seq] = None
-            if len(peer.refused_maps) > _REFUSALS_KEPT:
-                del peer.refused_maps[next(iter(peer.refused_maps))]
         self._send(peer, wire.error(op, seq, code, text))
         if ring is not None and not flags & wire.FLAG_NOREPLY and peer.ring is ring:
             self._ring_reply(peer, ring, op, wire.STATUS_ERROR, seq)
@@ -647,8 +659,8 @@ class Daemon:
         except (wire.ProtocolError, struct.error, UnicodeDecodeError) as e:
             err = (errno.EPROTO, str(e))
             peer.errors += 1
-        except PermissionError as e:
-            err = (errno.EACCES, e.strerror or str(e))
+        except PermissionError as e:  # EACCES, or EPERM (UNLINK by a reader not the owner)
+            err = (e.errno or errno.EACCES, e.strerror or str(e))
         except OSError as e:
             err = (e.errno or errno.EIO, e.strerror or str(e))
         except ValueError as e:
@@ -804,20 +816,29 @@ class Daemon:
                 raise PermissionError(
                     errno.EACCES, f"mode {mode:04o} would not let its creator open {name!r}"
                 )
-            obj = SharedObject(name, size, peer.uid, peer.gid, mode)
-            self.objects[name] = obj
+            new = SharedObject(name, size, peer.uid, peer.gid, mode)
+            try:
+                fd = new.descriptor(writable)  # EMFILE here: nothing was made
+            except BaseException:
+                new.close()
+                raise
+            self.objects[name] = new
             log.info("client %d created %r (%d bytes, mode %04o)", peer.id, name, size, mode)
+            return self._opened(peer, new, fd)
         want = READ | (WRITE if writable else 0)
         if not obj.allows(peer.uid, peer.gids, want):
-            right = "write" if obj.allows(peer.uid, peer.gids, READ) else "read"
-            raise PermissionError(
-                errno.EACCES,
-                f"uid {peer.uid} may not {right} {name!r} (mode {obj.mode:04o}, "
-                f"owner uid {obj.uid})",
-            )
+            if obj.allows(peer.uid, peer.gids, READ):  # it may see the mode (STAT shows it)
+                why = f"write {name!r} (mode {obj.mode:04o}, owner uid {obj.uid})"
+            else:
+                why = f"read {name!r}"
+            raise PermissionError(errno.EACCES, f"uid {peer.uid} may not {why}")
         if size and size != obj.size:  # after the rights: the size is not for everyone
             raise ValueError(f"{name!r} exists with size {obj.size}, not {size}")
-        fd = obj.descriptor(writable)  # before any book changes: EMFILE changes nothing
+        return self._opened(peer, obj, obj.descriptor(writable))  # EMFILE: nothing changed
+
+    @staticmethod
+    def _opened(peer: Peer, obj: SharedObject, fd: int) -> Reply:
+        """A new handle of ``obj`` for ``peer``, and the reply carrying ``fd``."""
         handle = peer.next_handle
         peer.next_handle += 1
         peer.handles[handle] = obj
@@ -826,6 +847,8 @@ class Daemon:
         return Reply(body, [fd])
 
     def _map(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        if req.flags & wire.FLAG_GIVE_BACK:
+            raise ValueError(_GIVE_BACK_RULE)
         handle, ranges = wire.unpack_ranges(req.body)
         obj = self._object(peer, handle)
         pages = obj.pages(ranges)
@@ -834,6 +857,8 @@ class Daemon:
         return Reply()
 
     def _unmap(self, peer: Peer, req: wire.Request, fds: list[int]) -> Reply:
+        if req.flags & wire.FLAG_GIVE_BACK:  # (one range comes by _one_range)
+            raise ValueError(_GIVE_BACK_RULE)
         handle, ranges = wire.unpack_ranges(req.body)
         obj = self._object(peer, handle)
         obj.unmap(peer.id, obj.pages(ranges))
@@ -1063,6 +1088,7 @@ class Daemon:
 
 
 _REFUSALS_KEPT = 64
+_GIVE_BACK_RULE = "GIVE_BACK goes only on a one-range UNMAP with NOREPLY"
 """Refused MAPs a peer's give-backs are checked against: a give-back follows its MAP at
 once (the client sends it as soon as it stops waiting)."""
 
