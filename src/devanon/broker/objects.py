@@ -135,7 +135,11 @@ class SharedObject:
             or holder.ndense() + nranges > MAX_CLIENT_DENSE
         ):
             raise self._too_many(
-                f"this client's counts of {self.name!r} take", holder, "unmap first"
+                f"{nranges} more ranges (each may add two runs or one dense chunk of "
+                f"{DENSE_CHUNK} pages) could take this client's counts of {self.name!r} "
+                "past what the daemon keeps for one client; they are",
+                holder,
+                "map fewer ranges at a time, or unmap first",
             )
 
     def _split_too_far(self, holder: MapCounts, runs: int, dense: int) -> OSError | None:
@@ -159,8 +163,8 @@ class SharedObject:
         """ENOMEM: ``what`` ``holder``'s figures, past the cap, and what to do."""
         return OSError(
             errno.ENOMEM,
-            f"{what} {holder.nruns()} runs and {holder.ndense()} dense chunks: more than the "
-            f"daemon keeps for one client ({MAX_CLIENT_RUNS} and {MAX_CLIENT_DENSE}); {remedy}",
+            f"{what} {holder.nruns()} runs and {holder.ndense()} dense chunks (the most: "
+            f"{MAX_CLIENT_RUNS} and {MAX_CLIENT_DENSE}); {remedy}",
         )
 
     def map_one(self, client: int, first: int, last: int) -> None:

@@ -806,10 +806,12 @@ class Daemon:
                 raise ValueError(f"mode {mode:#o} has bits beyond 0o777")
             owned = sum(o.uid == peer.uid for o in self._all_objects())
             if peer.uid != 0 and owned >= MAX_OBJECTS_PER_UID:
+                gone = sum(o.uid == peer.uid for o in self.unlinked)  # STAT does not list them
                 raise OSError(
                     errno.EDQUOT,
-                    f"uid {peer.uid} owns {owned} objects already, the most the daemon keeps "
-                    f"for one user: unlink some before creating {name!r}",
+                    f"uid {peer.uid} owns {owned} objects already ({gone} of them unlinked but "
+                    "still open or mapped), the most the daemon keeps for one user: unlink "
+                    f"or let go of some before creating {name!r}",
                 )
             owner = SharedObject.rights(peer.uid, peer.uid, peer.gid, peer.gids, mode)
             if owner & (READ | (WRITE if writable else 0)) != READ | (WRITE if writable else 0):
