@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from pathlib import Path
 
@@ -90,3 +91,28 @@ def test_a_path_too_long_for_a_unix_socket_is_named_before_anything_is_made(
         Client(too_long)
     with pytest.raises(ValueError, match="NUL"):
         Client("/tmp/a\0b")
+
+
+def test_a_symlink_swapped_over_the_new_socket_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whoever may write the socket's directory can rename a symlink over the socket just
+    after the bind: the daemon then refuses to start, and the file the link points to
+    keeps its mode and group (a chmod by path, as root, made it 0666)."""
+    victim = tmp_path / "precious"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    path = tmp_path / "d.sock"
+
+    class Swapped(socket.socket):
+        def bind(self, address: object) -> None:
+            super().bind(address)
+            link = tmp_path / "link"
+            link.symlink_to(victim)
+            os.rename(link, path)  # the attacker's move, in the window
+
+    monkeypatch.setattr(server.socket, "socket", Swapped)
+    with pytest.raises(FileExistsError, match="replaced just after the daemon bound it"):
+        server.Daemon._listen(str(path), 0o666, os.getgid() + 1)
+    st = victim.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == os.getgid()

@@ -222,18 +222,21 @@ class Daemon:
         os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
         try:
-            sock.bind(path)
-            st = os.lstat(path)
-            sock.listen(128)
-        finally:
-            os.umask(old_umask)
-        if gid is not None:
-            os.chown(path, -1, gid)
-        os.chmod(path, mode)
+            old_umask = os.umask(0o177)  # the owner's alone until its rights are set
+            try:
+                sock.bind(path)
+                st = os.lstat(path)
+                sock.listen(128)
+            finally:
+                os.umask(old_umask)
+            bound = (st.st_dev, st.st_ino)
+            _set_socket_rights(path, bound, mode, gid)
+        except BaseException:
+            sock.close()
+            raise
         sock.setblocking(False)
-        return sock, (st.st_dev, st.st_ino)
+        return sock, bound
 
     def install_signal_handlers(self) -> None:
         """SIGTERM and SIGINT stop the loop cleanly (main thread only)."""
@@ -1207,6 +1210,28 @@ def _remove_stale_socket(path: str) -> None:
         raise DaemonRunning(errno.EADDRINUSE, f"a devanon daemon already serves {path}")
     finally:
         probe.close()
+
+
+def _set_socket_rights(path: str, bound: tuple[int, int], mode: int, gid: int | None) -> None:
+    """chown and chmod the socket the daemon bound at ``path``, never what the path leads
+    to now: whoever may write its directory can rename a symlink over it, and a chmod by
+    path (run as root) would follow it to any file. So the socket itself is opened
+    (O_PATH, O_NOFOLLOW), checked to be the one bound, and changed through that."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != bound or not stat.S_ISSOCK(st.st_mode):
+            raise FileExistsError(
+                errno.EEXIST,
+                f"{path} was replaced just after the daemon bound it (is its directory "
+                "writable by others?): not changing what is there now",
+            )
+        itself = f"/proc/self/fd/{fd}"  # (fchmod and fchown refuse an O_PATH descriptor)
+        if gid is not None:
+            os.chown(itself, -1, gid)
+        os.chmod(itself, mode)
+    finally:
+        os.close(fd)
 
 
 def _raise_descriptor_limit() -> None:
