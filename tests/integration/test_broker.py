@@ -1148,6 +1148,50 @@ def test_a_pin_whose_lifeline_would_never_read_eof_is_refused_and_pins_nothing(
         obj.close()
 
 
+def _lingering_tcp_socket() -> tuple[socket.socket, socket.socket]:
+    """A TCP connection whose sending end has unsent data and SO_LINGER of 60 s: closing its
+    last descriptor waits until the data is read, the receiver gives up, or 60 s pass.
+    Returns (sender, receiver); the receiver never reads."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    sender = socket.create_connection(listener.getsockname())
+    receiver, _ = listener.accept()
+    listener.close()
+    sender.setblocking(False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            sender.send(b"x" * 65536)
+    sender.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 60))
+    return sender, receiver
+
+
+def test_a_descriptor_that_blocks_on_close_does_not_stop_the_daemon(daemon: Served) -> None:
+    """A client sends a socket whose close waits out its linger: the daemon refuses the
+    request (only PIN carries a descriptor) and serves everyone meanwhile (its one thread
+    sat in close() for the whole linger)."""
+    sender, receiver = _lingering_tcp_socket()
+    with connect(daemon.socket) as client, connect(daemon.socket) as other:
+        obj = other.open("served", PS, create=True)
+        with pytest.raises(OSError, match="only PIN") as refused:
+            client.call(wire.Op.SYNC, b"", [sender.fileno()])
+        assert refused.value.errno == errno.EPROTO
+        sender.close()  # the daemon's copy is the last: its close lingers
+        started = time.monotonic()
+        for _ in range(3):
+            obj.map(0, PS).close()
+            other.stat()
+        assert time.monotonic() - started < 10  # not the 60 s linger
+        mine = client.open("served")
+        with pytest.raises(OSError, match="pipe"):  # refused by its name alone
+            client.call(wire.Op.PIN, wire.pack_ranges(mine._handle, [(0, PS)]), [receiver.fileno()])
+        assert time.monotonic() - started < 10
+        mine.close()
+        obj.close()
+    receiver.close()  # the linger ends
+
+
 def _create_shut_out(conn: Connection, path: str) -> None:
     os.setgroups([])
     os.setgid(65534)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import grp
 import json
 import logging
@@ -30,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import cache, partial
+from functools import partial
 from typing import Any
 
 from devanon.broker import protocol as wire
@@ -38,6 +37,7 @@ from devanon.broker import ring as rings
 from devanon.broker.credentials import peer_groups
 from devanon.broker.crowding import CrowdWatch
 from devanon.broker.objects import READ, WRITE, SharedObject, no_such
+from devanon.broker.received import Closer, check_lifeline
 from devanon.broker.verify import add_maps_of, pipes_written_by
 from devanon.counts import MapCounts
 
@@ -189,6 +189,8 @@ class Daemon:
         stop, not one another daemon may have bound there since."""
         self._reserve = -1
         """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
+        self._closer = Closer()
+        """Closes what clients sent and the daemon does not keep (a close can block)."""
         self._hold_reserve()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -430,6 +432,7 @@ class Daemon:
             os.close(self._reserve)
         self._wake_r.close()
         self._wake_w.close()
+        self._closer.stop()
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(self.path)
             if (st.st_dev, st.st_ino) == self._bound:  # not another daemon's, bound since
@@ -533,15 +536,13 @@ class Daemon:
                 self._disconnect(peer)
                 return
             if flags & _TRUNCATED or n > wire.MAX_MESSAGE:
-                for fd in fds:
-                    os.close(fd)
+                self._closer.close(fds)
                 self._truncated(peer, n, flags, len(fds))
             else:
                 try:
                     req = wire.parse_request(bytes(self._view[:n]))
                 except wire.ProtocolError as e:
-                    for fd in fds:
-                        os.close(fd)
+                    self._closer.close(fds)
                     self._protocol_error(peer, *self._op_and_seq(n), str(e))
                 else:
                     self._handle(peer, req, fds)
@@ -658,6 +659,8 @@ class Daemon:
         err: tuple[int, str] | None = None
         reply = Reply()
         try:
+            if fds and req.op != wire.Op.PIN:
+                raise wire.ProtocolError(f"{req.op.name} carries no descriptor (only PIN does)")
             reply = self._handlers[req.op](peer, req, fds)
         except (wire.ProtocolError, struct.error, UnicodeDecodeError) as e:
             err = (errno.EPROTO, str(e))
@@ -671,10 +674,8 @@ class Daemon:
         except Exception as e:  # a bug must not take the daemon (and everyone's counts) down
             log.exception("request %s from client %d failed", req.op.name, peer.id)
             err = (errno.EIO, f"internal error: {e}")
-        finally:
-            for fd in fds:
-                if fd not in reply.kept:
-                    os.close(fd)
+        finally:  # (a client's descriptor may take long to close: not in this thread)
+            self._closer.close(fd for fd in fds if fd not in reply.kept)
         if err is not None:
             self._send(peer, wire.error(req.op, req.seq, *err))
             if peer.errors > MAX_ERRORS:
@@ -1006,7 +1007,7 @@ class Daemon:
             raise wire.ProtocolError(f"PIN carries one lifeline descriptor, not {len(fds)}")
         pages = obj.pages(ranges)
         lifeline = fds[0]
-        _check_lifeline(lifeline)
+        check_lifeline(lifeline)
         os.set_blocking(lifeline, False)
         held = sum(pin.uid == peer.uid for o in self._all_objects() for pin in o.pins)
         if peer.uid != 0 and held >= MAX_PINS_PER_UID:
@@ -1124,34 +1125,6 @@ def _group_id(group: str) -> int:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ValueError(f"socket group {group!r}: no such group") from None
-
-
-def _check_lifeline(fd: int) -> None:
-    """ProtocolError unless ``fd`` is the read end of a pipe (os.pipe), open read-only.
-
-    A lifeline must read EOF once the child and its descendants are gone. Open for writing
-    (a pipe's write end, or its read end reopened read-write through /proc/self/fd), the
-    daemon itself would hold a writer, so it never would. A named FIFO that no writer ever
-    opened never polls readable either: the kernel reports its EOF only once a writer came."""
-    st = os.fstat(fd)
-    if not stat.S_ISFIFO(st.st_mode) or st.st_dev != _pipefs_device():
-        raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe (not a named FIFO)")
-    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
-        raise wire.ProtocolError(
-            "a PIN's lifeline is a pipe's read end open read-only: open for writing, it "
-            "would never read EOF"
-        )
-
-
-@cache
-def _pipefs_device() -> int:
-    """``st_dev`` of every pipe made by pipe(2) (they live in the kernel's pipefs)."""
-    r, w = os.pipe()
-    try:
-        return os.fstat(r).st_dev
-    finally:
-        os.close(r)
-        os.close(w)
 
 
 def _listed_within(parts: Iterable[str], room: int) -> bytes:

@@ -1,0 +1,73 @@
+"""Descriptors that clients send the daemon: looked at and let go of without waiting.
+
+A client chooses what it sends, and the daemon serves everyone from one thread, so nothing
+it does with such a descriptor may block. ``close`` can: a TCP socket with ``SO_LINGER``
+and unsent data waits out its linger (up to 2**31 s), a FUSE file waits on its server's
+flush. So descriptors the daemon does not keep are closed by a thread of their own
+(``Closer``), and a PIN's lifeline is first named by ``/proc/self/fd`` (which asks no file
+system) before anything else is asked of it (``check_lifeline``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import queue
+import threading
+from collections.abc import Iterable
+
+from devanon.broker import protocol as wire
+
+
+class Closer:
+    """Closes descriptors in a thread of its own, in the order given."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def close(self, fds: Iterable[int]) -> None:
+        """Close these, soon; never waits."""
+        for fd in fds:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="devanon-closer", daemon=True
+                )
+                self._thread.start()
+            self._queue.put(fd)
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Close what is queued, waiting at most ``timeout`` seconds (a close that blocks
+        for longer is left to the process's exit)."""
+        if self._thread is not None:
+            self._queue.put(-1)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def _run(self) -> None:
+        while (fd := self._queue.get()) >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def check_lifeline(fd: int) -> None:
+    """ProtocolError unless ``fd`` is the read end of a pipe (os.pipe), open read-only.
+
+    A lifeline must read EOF once the child and its descendants are gone. Open for writing
+    (a pipe's write end, or its read end reopened read-write through /proc/self/fd), the
+    daemon itself would hold a writer, so it never would. A named FIFO that no writer ever
+    opened never polls readable either: the kernel reports its EOF only once a writer came.
+    Anything else is refused by its name alone: an ``fstat`` of a FUSE file can wait on its
+    server for ever."""
+    try:
+        name = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        name = ""
+    if not name.startswith("pipe:["):  # a named FIFO shows its path
+        raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe (not a named FIFO)")
+    if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
+        raise wire.ProtocolError(
+            "a PIN's lifeline is a pipe's read end open read-only: open for writing, it "
+            "would never read EOF"
+        )
