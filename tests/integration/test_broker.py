@@ -393,6 +393,45 @@ def test_daemon_restart_gives_clients_a_clear_error_and_no_hang(socket_dir: Path
     del m
 
 
+def _maps_of_inodes(inodes: set[int]) -> list[str]:
+    """This process's /proc/self/maps lines of files with these inode numbers."""
+    with open("/proc/self/maps") as f:
+        return [line for line in f if len(parts := line.split()) > 4 and int(parts[4]) in inodes]
+
+
+def test_after_a_daemon_restart_close_unmaps_everything_and_unpickling_reconnects(
+    socket_dir: Path,
+) -> None:
+    """Closing objects whose daemon is gone unmaps all their mappings (the first unmap the
+    daemon could not be told of stopped it, and the rest stayed mapped for good), and
+    unpickling in a process that unpickled before uses a new connection, not the dead one."""
+    path = str(socket_dir / "again.sock")
+    served = start_daemon(path)
+    client = connect(path)
+    a = client.open("a", 8 * PS, create=True)
+    b = client.open("b", 8 * PS, create=True)
+    inodes = {os.fstat(a.fd).st_ino, os.fstat(b.fd).st_ino}
+    for i in range(4):  # interleaved: no two of one object's mappings touch
+        for obj in (a, b):
+            obj.map(i * PS, PS).view()[0] = 1
+    pickle.loads(pickle.dumps(a)).close()  # this process's shared client: for `path`
+    assert len(_maps_of_inodes(inodes)) == 8
+    assert served.stop() == 0
+    client.close()  # quietly: the daemon dropped the counts when the connection went
+    assert a.closed and b.closed
+    assert _maps_of_inodes(inodes) == []
+    served = start_daemon(path)
+    try:
+        with connect(path) as fresh:
+            made = fresh.open("a", 8 * PS, create=True)
+            again = pickle.loads(pickle.dumps(made))
+            assert os.fstat(again.fd).st_ino == os.fstat(made.fd).st_ino
+            again.close()
+            made.close()
+    finally:
+        assert served.stop() == 0
+
+
 def test_a_stopping_daemon_punches_nothing_under_live_mappings(socket_dir: Path) -> None:
     path = str(socket_dir / "stop.sock")
     served = start_daemon(path)
@@ -800,6 +839,29 @@ def test_a_pickled_shared_anon_is_not_taken_for_a_new_object_of_its_name(
         for each in (again, new):
             each.close()
         m.close()
+        old.close()
+
+
+def test_a_forked_child_does_not_take_a_new_object_of_the_name_for_its_own(
+    daemon: Served,
+) -> None:
+    """The child reopens by name on its own connection: an object made under the name
+    since (by anyone) is refused, and nothing is written into it."""
+    with connect(daemon.socket) as client:
+        old = client.open("job-tmp", 4 * PS, create=True)
+        client.unlink("job-tmp")
+        new = client.open("job-tmp", 4 * PS, create=True, mode=0o666)
+
+        def child() -> int:
+            try:
+                old.map(0, PS).view()[:6] = b"secret"
+            except FileNotFoundError as e:
+                return 3 if "not the object this process inherited" in str(e) else 4
+            return 5
+
+        assert run_child(child) == 3
+        assert new.resident_bytes() == 0 and new.map_count(0) == 0
+        new.close()
         old.close()
 
 

@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
@@ -135,6 +135,9 @@ class Client:
         out: ``seq -> (handle, offset, length)``. A yes to one is given back (UNMAP)."""
         self.generation = 0
         """Bumped on every (re)connection: handles belong to one connection."""
+        self.gone = False
+        """True once the connection was found broken (the daemon stopped, say): it stays
+        so (a new daemon does not know its handles); ``connect`` makes a new one."""
         self._objects: weakref.WeakSet[SharedAnon] = weakref.WeakSet()
         """What ``open`` returned: ``close`` closes them first."""
         self._sock = self._connect()
@@ -538,6 +541,7 @@ class Client:
                 raise OSError(errno.EIO, f"the daemon refused an earlier unmap: {late}")
 
     def _gone(self, why: str | None) -> BrokerError:
+        self.gone = True
         return BrokerError(errno.ECONNRESET, f"the devanon daemon at {self.path} is gone ({why})")
 
     # -- the API ---------------------------------------------------------------------------
@@ -649,11 +653,13 @@ def connect(path: str | None = None) -> Client:
 
 
 def shared_client(path: str) -> Client:
-    """This process's one client for ``path`` (used when objects are unpickled)."""
+    """This process's one client for ``path`` (used when objects are unpickled); a new
+    one once the daemon it talked to is gone (restarted, say)."""
     key = (os.getpid(), path)
-    if key not in _shared:
-        _shared[key] = Client(path)
-    return _shared[key]
+    client = _shared.get(key)
+    if client is None or client.gone:
+        client = _shared[key] = Client(path)
+    return client
 
 
 def _reopen(
@@ -661,7 +667,13 @@ def _reopen(
 ) -> SharedAnon:
     """Open, in an unpickling process, the object a SharedAnon was pickled from: the same
     memfd (``identity``: its device and inode), not a newer object of the same name."""
-    shared = shared_client(path).open(name, writable=writable)
+    client = shared_client(path)
+    try:
+        shared = client.open(name, writable=writable)
+    except BrokerError:  # (a connection's end shows when it is used: here, maybe first)
+        if not client.gone:
+            raise
+        shared = shared_client(path).open(name, writable=writable)  # a new daemon's
     if identity is not None and shared._file_id != identity:
         shared.close()
         raise FileNotFoundError(
@@ -765,8 +777,13 @@ class SharedAnon(Mapper):
                 return
             try:
                 self._unmap_all()
-                if self._generation == self.client.generation and self.client._pid > 0:
-                    self.client.call(wire.Op.CLOSE, wire.HANDLE.pack(self._handle))
+                if (
+                    self._generation == self.client.generation
+                    and self.client._pid > 0
+                    and not self.client.gone
+                ):
+                    with self._unless_gone():  # gone: it let go of the handle already
+                        self.client.call(wire.Op.CLOSE, wire.HANDLE.pack(self._handle))
             finally:
                 os.close(self.fd)
                 self.fd = -1
@@ -804,9 +821,21 @@ class SharedAnon(Mapper):
             raise self._mmap_error(e) from None
 
     def _lose_one(self, first: int, last: int) -> None:
-        if self._generation == self.client.generation:
+        if self._generation == self.client.generation and not self.client.gone:
             ps = self.page_size
-            self.client.post_unmap(self._handle, first * ps, (last - first) * ps)
+            with self._unless_gone():
+                self.client.post_unmap(self._handle, first * ps, (last - first) * ps)
+
+    @contextlib.contextmanager
+    def _unless_gone(self) -> Iterator[None]:
+        """Telling the daemon of an unmap: a daemon gone has dropped this connection's
+        counts already, so there is nothing to tell, and the unmapping goes on (stopped by
+        the error, it left the rest mapped, for good)."""
+        try:
+            yield
+        except BrokerError:
+            if not self.client.gone:
+                raise
 
     def _gain(self, ranges: list[PageRange]) -> None:
         if len(ranges) == 1:
@@ -824,13 +853,14 @@ class SharedAnon(Mapper):
             raise
 
     def _lose(self, ranges: list[PageRange]) -> None:
-        if not ranges or self._generation != self.client.generation:
+        if not ranges or self._generation != self.client.generation or self.client.gone:
             return
         if len(ranges) == 1:
             self._lose_one(*ranges[0])
         else:
-            for body in self._range_bodies(ranges):
-                self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
+            with self._unless_gone():
+                for body in self._range_bodies(ranges):
+                    self.client.post(wire.Op.UNMAP, body, wire.FLAG_NOREPLY)
 
     def _range_bodies(self, ranges: list[PageRange]) -> list[bytes]:
         """MAP/UNMAP/PIN bodies for ``ranges``, as many as the message size needs."""
@@ -846,8 +876,17 @@ class SharedAnon(Mapper):
             self._reopen_here()
 
     def _reopen_here(self) -> None:
-        """In a forked child: open the object again on this process's own connection."""
+        """In a forked child: open the object again on this process's own connection: the
+        same memfd, not a newer object of its name (unlinked since, and made again, maybe
+        by another user)."""
         fresh = self.client.open(self.name, writable=self._writable_fd)
+        if fresh._file_id != self._file_id:
+            fresh.close()
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"{self.name!r} at {self.client.path} is not the object this process "
+                "inherited (unlinked since, and a new one made under its name)",
+            )
         os.close(self.fd)
         self.fd, fresh.fd = fresh.fd, -1
         self._handle = fresh._handle
