@@ -842,6 +842,44 @@ def test_a_pickled_shared_anon_is_not_taken_for_a_new_object_of_its_name(
         old.close()
 
 
+def _squat(conn: Connection, path: str) -> None:
+    """As nobody: make the name someone else is about to create, open to all."""
+    os.setgroups([])
+    os.setgid(65534)
+    os.setuid(65534)
+    with connect(path) as client:
+        client.open("vm0-ram", 4 * PS, create=True, mode=0o666)
+        conn.send("made")
+        conn.recv()  # held until the test is done
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become another uid")
+def test_an_exclusive_create_never_opens_a_name_someone_made_first(daemon: Served) -> None:
+    """create=True opens an existing object (as O_CREAT: root, passing every mode, opened
+    a squatter's); exclusive=True refuses it, and the owner is visible either way."""
+    proc, conn = worker(_squat, daemon.socket)
+    assert conn.recv() == "made"
+    try:
+        with connect(daemon.socket) as client:
+            with pytest.raises(FileExistsError, match="'vm0-ram' exists") as refused:
+                client.open("vm0-ram", 4 * PS, create=True, exclusive=True, mode=0o600)
+            assert refused.value.errno == errno.EEXIST
+            taken = client.open("vm0-ram", 4 * PS, create=True, mode=0o600)
+            assert (taken.owner_uid, taken.owner_gid, taken.mode) == (65534, 65534, 0o666)
+            taken.close()
+            mine = client.open("vm0-mine", 4 * PS, create=True, exclusive=True, mode=0o640)
+            assert (mine.owner_uid, mine.mode) == (0, 0o640)
+            with pytest.raises(ValueError, match="without create=True"):
+                client.open("vm0-mine", exclusive=True)
+            with pytest.raises(TypeError, match="bools"):
+                client.open("vm0-mine", create=1)  # type: ignore[arg-type]
+            mine.close()
+            client.unlink("vm0-mine")
+    finally:
+        conn.send("done")
+        proc.join(10)
+
+
 def test_a_forked_child_does_not_take_a_new_object_of_the_name_for_its_own(
     daemon: Served,
 ) -> None:

@@ -554,21 +554,38 @@ class Client:
         create: bool = False,
         mode: int = 0o600,
         writable: bool = True,
+        exclusive: bool = False,
     ) -> SharedAnon:
-        """Open (or with ``create``, make) the object ``name``; returns a SharedAnon."""
+        """Open (or with ``create``, make) the object ``name``; returns a SharedAnon.
+
+        ``create`` opens the object if the name exists (as ``O_CREAT``; ``mode`` is then
+        not used): anyone who may connect can make a name first. With ``exclusive`` (and
+        ``create``), FileExistsError instead, so the object is surely the caller's own (as
+        ``O_EXCL``, and as ``multiprocessing.shared_memory`` creates). The SharedAnon's
+        ``owner_uid``, ``owner_gid`` and ``mode`` say whose an opened object is.
+        """
         raw = _name(name)
+        if type(exclusive) is not bool or type(create) is not bool:
+            raise TypeError(f"create and exclusive are bools, not {create!r}, {exclusive!r}")
+        if exclusive and not create:
+            raise ValueError(f"exclusive=True opens nothing without create=True ({name!r})")
         if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
             raise ValueError(f"size must be a positive int, not {size!r}")
         if not isinstance(mode, int) or not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be within 0o000..0o777, not {mode!r}")
-        flags = (wire.OPEN_CREATE if create else 0) | (wire.OPEN_WRITABLE if writable else 0)
+        flags = (
+            (wire.OPEN_CREATE if create else 0)
+            | (wire.OPEN_WRITABLE if writable else 0)
+            | (wire.OPEN_EXCLUSIVE if exclusive else 0)
+        )
         body, fds = self.call(wire.Op.OPEN, wire.OPEN.pack(size or 0, mode, flags) + raw)
-        handle, real_size, page_size, _uid, _gid, _mode = wire.OPENED.unpack(body)
+        handle, real_size, page_size, uid, gid, real_mode = wire.OPENED.unpack(body)
         if len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise OSError(errno.EPROTO, f"the daemon sent {len(fds)} descriptors for {name!r}")
         shared = SharedAnon(self, name, handle, fds[0], real_size, page_size, writable)
+        shared.owner_uid, shared.owner_gid, shared.mode = uid, gid, real_mode
         self._objects.add(shared)
         return shared
 
@@ -720,6 +737,10 @@ class SharedAnon(Mapper):
         self._generation = client.generation
         self._pin_failed = False
         """Set by a fork whose PIN the daemon did not make: the child drops its copies."""
+        self.owner_uid = self.owner_gid = -1
+        """Who owns the object: its creator's uid and primary gid (from OPEN's answer)."""
+        self.mode = 0
+        """The object's permission bits, as a file's (from OPEN's answer)."""
         self._init_books()
         forking.track(self)
 

@@ -22,7 +22,8 @@ HEADER = struct.Struct("<BxHI")
 REPLY = struct.Struct("<BBxxI")
 ERROR = struct.Struct("<i")
 OPEN = struct.Struct("<QIB")
-"""size (0: don't care), mode, flags (OPEN_CREATE | OPEN_WRITABLE); then the name."""
+"""size (0: don't care), mode, flags (OPEN_CREATE | OPEN_WRITABLE | OPEN_EXCLUSIVE); then
+the name."""
 OPENED = struct.Struct("<IQIIII")
 """handle, size, page_size, owner uid, owner gid, mode; and the memfd as SCM_RIGHTS."""
 HANDLE = struct.Struct("<I")
@@ -36,6 +37,9 @@ MAP_ONE = struct.Struct("<BxHIIQQ")
 
 OPEN_CREATE = 1
 OPEN_WRITABLE = 2
+OPEN_EXCLUSIVE = 4
+"""With OPEN_CREATE: EEXIST if the name exists (as O_EXCL): a creator then knows the
+object is its own, not one that another user made first under the name it expected."""
 FLAG_NOREPLY = 1
 """On UNMAP: reply only if it fails (unmaps may be pipelined)."""
 FLAG_AFTER = 2

@@ -798,6 +798,8 @@ class Daemon:
                 f"keeps for one: close some before opening {name!r}",
             )
         obj = self.objects.get(name)
+        if obj is not None and flags & wire.OPEN_EXCLUSIVE:
+            raise FileExistsError(errno.EEXIST, f"{name!r} exists (an exclusive create)")
         if obj is None:
             if not flags & wire.OPEN_CREATE:
                 raise no_such(name)
