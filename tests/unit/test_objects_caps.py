@@ -58,3 +58,24 @@ def test_verify_counts_a_pin_unless_its_child_shows_it_and_never_for_its_parent(
         os.close(write_end)
         os.close(pidfd)
         obj.close()
+
+
+def test_one_users_pins_leave_room_for_anothers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pinned-range cap is per uid: a reader that fills it (pins cost it nothing but a
+    pipe) does not stop the owner's forks from being pinned."""
+    monkeypatch.setattr(objects, "MAX_PINNED_RANGES", 4)
+    obj = SharedObject("pins", 64 * 4096, 1000, 1000, 0o644)
+    pipes = [os.pipe() for _ in range(3)]
+    try:
+        obj.pin(pipes[0][0], [(0, 1), (2, 3), (4, 5), (6, 7)], uid=2000)
+        before = obj.counts.count(8)
+        with pytest.raises(OSError, match="uid 2000 has 4 ranges") as refused:
+            obj.pin(pipes[1][0], [(8, 9)], uid=2000)
+        assert refused.value.errno == errno.ENOMEM and obj.counts.count(8) == before
+        obj.pin(pipes[2][0], [(8, 9), (10, 11)], uid=1000)  # the owner: room of its own
+        assert obj.counts.count(8) == before + 1
+    finally:
+        obj.close()  # closes the pinned read ends
+        for _r, w in pipes:
+            os.close(w)
+        os.close(pipes[1][0])

@@ -27,7 +27,7 @@ counting real mappings, and must not make the daemon's memory its own."""
 MAX_CLIENT_DENSE = 1 << 12
 """Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
 MAX_PINNED_RANGES = 1 << 18
-"""Ranges pinned for forked children of one object, over all pins."""
+"""Ranges of one object pinned for forked children by one uid, over all its pins."""
 _DROP_WINDOW = 64 * DENSE_CHUNK
 """Pages of a client's counts dropped at a time, last first (``drop``)."""
 
@@ -244,12 +244,13 @@ class SharedObject:
         self.punch(zeros)
 
     def pin(self, lifeline: int, ranges: list[PageRange], uid: int = 0, pid: int = 0) -> None:
-        pinned = sum(len(pin.ranges) for pin in self.pins)
+        # Per user: one reader's pins must not use up what the owner's forks need.
+        pinned = sum(len(pin.ranges) for pin in self.pins if pin.uid == uid)
         if pinned + len(ranges) > MAX_PINNED_RANGES:
             raise OSError(
                 errno.ENOMEM,
-                f"{self.name!r} has {pinned} ranges pinned for forked children already; "
-                f"the daemon keeps at most {MAX_PINNED_RANGES}",
+                f"uid {uid} has {pinned} ranges of {self.name!r} pinned for forked children "
+                f"already; the daemon keeps at most {MAX_PINNED_RANGES} for one user",
             )
         for first, last in ranges:
             self.counts.add(first, last)
