@@ -1056,6 +1056,27 @@ def test_a_fork_whose_second_pin_is_refused_lets_the_first_go_at_once(
         obj.close()
 
 
+def test_stat_shows_names_without_markup_or_escape_sequences(daemon: Served) -> None:
+    """Anyone may name an object: the table shows its name as text (rich markup read in
+    it hid part of it; an escape sequence went to the terminal as it was)."""
+    names = ["zz\x1b[31mRED\x1b[0m", "zz[reverse]ADMIN", "café-日本"]
+    with connect(daemon.socket) as client:
+        objs = [client.open(name, PS, create=True) for name in names]
+        out = subprocess.run(
+            [sys.executable, "-m", "devanon.cli", "stat", "--socket", daemon.socket],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            env={**os.environ, "COLUMNS": "300"},
+        )
+        assert out.returncode == 0, out.stderr
+        assert "\x1b" not in out.stdout
+        assert "zz\\x1b[31mRED\\x1b[0m" in out.stdout
+        assert "zz[reverse]ADMIN" in out.stdout and "café-日本" in out.stdout
+        for obj in objs:
+            obj.close()
+
+
 def test_stat_cli_and_metrics_textfile(socket_dir: Path) -> None:
     path = str(socket_dir / "m.sock")
     textfile = socket_dir / "devanon.prom"

@@ -10,6 +10,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from devanon.broker.client import connect
 from devanon.broker.daemon_log import logging_off_the_loop
@@ -92,6 +93,12 @@ def _run_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shown(name: str) -> Text:
+    """An object's name for the terminal: anyone may name an object, so no rich markup is
+    read in it and no control character (an escape sequence) reaches the terminal."""
+    return Text("".join(c if c.isprintable() else repr(c)[1:-1] for c in name))
+
+
 def _stat(args: argparse.Namespace) -> int:
     with connect(args.socket) as client:
         objects = client.stat(args.name)
@@ -107,8 +114,8 @@ def _stat(args: argparse.Namespace) -> int:
         if args.verify:
             table.add_column("verify")
         for obj in objects:
-            row = [
-                obj["name"],
+            row: list[str | Text] = [
+                _shown(obj["name"]),
                 *(
                     format_size(obj[k])
                     for k in ("size", "mapped_bytes", "resident_bytes", "freed_bytes")
