@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
+from pathlib import Path
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry, generate_latest
 
+from devanon.broker import metrics
 from devanon.broker.metrics import DaemonCollector
 from devanon.broker.server import Daemon
 
@@ -40,3 +44,22 @@ def test_an_unlinked_object_and_a_new_one_of_its_name_are_two_series() -> None:
         'devanon_object_size_bytes{inode="41",name="vm"} 0.0',
         'devanon_object_size_bytes{inode="42",name="vm"} 0.0',
     ]
+
+
+def test_the_textfile_keeps_the_mode_and_group_it_was_given(tmp_path: Path) -> None:
+    """An operator's chmod (or chgrp) of the textfile holds across rewrites (it was undone
+    within 5 s, and every object's name readable to all again); a new file gets the mode
+    the umask gives."""
+    registry = CollectorRegistry()
+    registry.register(DaemonCollector(cast(Daemon, _Figures([]))))
+    path = tmp_path / "devanon.prom"
+    metrics._write_textfile(str(path), registry, 0o644)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert "devanon_daemon_crowded" in path.read_text()
+    path.chmod(0o600)
+    group = os.getgid() + 1 if os.geteuid() == 0 else os.getgid()
+    os.chown(path, -1, group)
+    metrics._write_textfile(str(path), registry, 0o644)
+    st = path.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == group
+    assert [p.name for p in tmp_path.iterdir()] == ["devanon.prom"]  # no temporary left

@@ -5,10 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -89,8 +90,11 @@ def export(
             raise OSError(e.errno, f"--metrics-port {port}: {e.strerror}") from None
     if textfile is None:
         return lambda: None
+    umask = os.umask(0o022)  # read once, here, before any thread of ours: a new textfile's
+    os.umask(umask)  # mode is what the umask makes of 0666, as for any file
+    new_mode = 0o666 & ~umask
     try:  # once now: a file that cannot be written is an error at start, not later
-        write_to_textfile(textfile, registry)
+        _write_textfile(textfile, registry, new_mode)
     except OSError as e:
         raise OSError(e.errno, f"--metrics-textfile {textfile}: {e.strerror}") from None
     stop = threading.Event()
@@ -98,7 +102,7 @@ def export(
     def write() -> None:
         while not stop.wait(interval):
             try:
-                write_to_textfile(textfile, registry)
+                _write_textfile(textfile, registry, new_mode)
             except OSError as e:  # a full disk, say: said, and tried again
                 log.warning("metrics textfile %s: %s", textfile, e)
 
@@ -112,3 +116,28 @@ def export(
             os.unlink(textfile)
 
     return close
+
+
+def _write_textfile(path: str, registry: CollectorRegistry, new_mode: int) -> None:
+    """Replace ``path`` with the figures, atomically, keeping the mode and group the file
+    has (an operator's ``chmod 600`` held 5 s: prometheus-client's writer makes each new
+    file with the umask's mode). A new file gets ``new_mode``."""
+    try:
+        st = os.stat(path)
+        mode, gid = stat.S_IMODE(st.st_mode), st.st_gid
+    except FileNotFoundError:
+        mode, gid = new_mode, -1
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb", closefd=False) as f:
+            f.write(generate_latest(registry))
+        if gid >= 0:
+            os.fchown(fd, -1, gid)
+        os.fchmod(fd, mode)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
