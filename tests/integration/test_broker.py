@@ -1056,6 +1056,22 @@ def test_a_fork_whose_second_pin_is_refused_lets_the_first_go_at_once(
         obj.close()
 
 
+def test_the_daemon_holds_as_many_descriptors_as_it_may(daemon: Served) -> None:
+    """The per-user caps (~7,000 descriptors a uid) of a few users passed the hard limit
+    the daemon was started with: it raises its soft limit to the hard one, and with
+    CAP_SYS_RESOURCE (root, unless a container took it) the hard one to fs.nr_open."""
+    status = Path("/proc/self/status").read_text()
+    (caps,) = [
+        int(line.split()[1], 16) for line in status.splitlines() if line.startswith("CapEff")
+    ]
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # the daemon's, when it started
+    if caps & (1 << 24):  # CAP_SYS_RESOURCE
+        hard = max(hard, int(Path("/proc/sys/fs/nr_open").read_text()))
+    limits = Path(f"/proc/{daemon.process.pid}/limits").read_text()
+    (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3:5] == [str(hard), str(hard)]
+
+
 def test_stat_shows_names_without_markup_or_escape_sequences(daemon: Served) -> None:
     """Anyone may name an object: the table shows its name as text (rich markup read in
     it hid part of it; an escape sequence went to the terminal as it was)."""

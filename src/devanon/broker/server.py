@@ -1210,8 +1210,17 @@ def _set_socket_rights(path: str, bound: tuple[int, int], mode: int, gid: int | 
 
 
 def _raise_descriptor_limit() -> None:
-    """Every object and client holds descriptors: allow as many as the hard limit does."""
+    """Every object, client and pin holds descriptors: allow as many as the kernel lets a
+    process have (``fs.nr_open``; it takes CAP_SYS_RESOURCE), else as the hard limit
+    does, so that the per-user caps of many users fit (each uid may take ~7,000: 1,024
+    objects, 1,024 connections of two, 4,096 pins)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(OSError, ValueError):  # (without CAP_SYS_RESOURCE: refused)
+        with open("/proc/sys/fs/nr_open", encoding="ascii") as f:
+            most = int(f.read())
+        if most > hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (most, most))
+            return
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
