@@ -698,6 +698,28 @@ def _status(sock: socket.socket, message: bytes) -> tuple[int, int]:
     return status, (wire.ERROR.unpack_from(data, wire.REPLY.size)[0] if status else 0)
 
 
+@pytest.mark.parametrize("ring", [True, False])
+def test_posted_requests_nobody_waits_for_are_forgotten_once_done(
+    daemon: Served, ring: bool
+) -> None:
+    """A posted unmap whose refusal nobody needs to hear of was remembered until a refusal
+    came, which for one the daemon took never does: one seq kept for each, for good
+    (thousands after a storm of interrupted maps). A later reply says it was done."""
+    with Client(daemon.socket, ring=ring) as client:
+        obj = client.open("forgotten", 8 * PS, create=True)
+        for i in range(5):
+            client.map_one(obj._handle, i * PS, PS)
+            client.post_unmap(obj._handle, i * PS, PS, wanted=False)
+        assert client._unwanted
+        client.call(wire.Op.SYNC)
+        assert client._unwanted == set()
+        assert [obj.map_count(i * PS) for i in range(5)] == [0] * 5
+        client.post_unmap(obj._handle, 6 * PS, PS, wanted=False)  # refused: never mapped
+        client.call(wire.Op.SYNC)
+        assert client._unwanted == set() and client._late_errors == []
+        obj.close()
+
+
 def test_a_give_back_drops_only_the_refused_map_it_names(daemon: Served) -> None:
     """A seq used again by an accepted MAP, or a give-back of another range, is not
     taken for the refusal: the pages are given back (they stayed counted for good)."""

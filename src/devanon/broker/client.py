@@ -362,6 +362,11 @@ class Client:
             return self._ring_reply_to(seq) if via_ring else self._reply_to(seq)
         finally:
             self._pending.discard(seq)
+            if self._early:  # interrupted after a nested call read our reply: nobody's now
+                left = self._early.pop(seq, None)
+                if left is not None and left is not _ON_SOCKET:
+                    for fd in left[2]:
+                        os.close(fd)
 
     def _ring_reply_to(self, seq: int) -> tuple[bytes, list[int]]:
         """Wait for the ring's answer to ``seq``: look, yielding the CPU between looks (a
@@ -452,6 +457,10 @@ class Client:
             # had no answer never went out.
             for old in [s for s in self._give_back if 0 < (rseq - s) % (1 << 32) < 1 << 31]:
                 del self._give_back[old]
+        if self._unwanted and op != wire.Op.WAKE:
+            # Nor will a refusal of an earlier posted request come after this: one that
+            # the daemon took (or dropped, a give-back) is answered by nothing.
+            self._unwanted = {s for s in self._unwanted if not 0 < (rseq - s) % (1 << 32) < 1 << 31}
         return op, status, rseq, rfds
 
     def _keep(self, op: int, rseq: int, reply: tuple[int, bytes, list[int]]) -> None:
