@@ -270,6 +270,18 @@ class Mapper(ABC):
     def _before_op(self) -> None:
         """Called with the lock held at the start of every operation."""
 
+    def _begin(self) -> None:
+        """The start of every operation (lock held): ``_in_step``, then ``_before_op``."""
+        if len(self._starts) != len(self._segments):
+            self._in_step()
+        self._before_op()
+
+    def _in_step(self) -> None:
+        """Put the books back in step: an interrupt (a signal handler's exception) between
+        the updates of the two lists leaves them apart (each update changes a length by
+        one, so it shows). The segments say what is mapped."""
+        self._starts[:] = [seg.start for seg in self._segments]
+
     # -- public API --------------------------------------------------------------------
 
     def map(
@@ -311,7 +323,7 @@ class Mapper(ABC):
         with self._lock:
             if self.fd < 0:
                 self._check_open()
-            self._before_op()
+            self._begin()
             if address is None:  # the hot path, kept short
                 address = self._map_counted(first, last, prot, offset)
                 mapping = Mapping(self, address, offset, length, bool(writable), bool(inherit))
@@ -355,7 +367,7 @@ class Mapper(ABC):
         length = _checks.aligned("length", length, self.page_size, positive=True)
         with self._lock:
             self._check_open()
-            self._before_op()
+            self._begin()
             self._check_owned(address, length)
             self._unmap_spans([(address, address + length)])
 
@@ -406,7 +418,7 @@ class Mapper(ABC):
             prot = _libc.PROT_READ | (_libc.PROT_WRITE if writable else 0)
             with self._lock:
                 self._check_open()
-                self._before_op()
+                self._begin()
                 self._check_owned(address, length)
                 pieces = self._pieces(address, address + length)
                 if not writable and not under_writable_views:
@@ -517,6 +529,8 @@ class Mapper(ABC):
         if not pieces:
             return []
         k = bisect_left(self._starts, pieces[0].start)
+        if k == len(self._segments) or self._segments[k] is not pieces[0]:
+            return []  # forgotten already (an interrupt's clean-up may come after it)
         del self._segments[k : k + len(pieces)]
         del self._starts[k : k + len(pieces)]
         lost: list[PageRange] = []
@@ -566,19 +580,26 @@ class Mapper(ABC):
     def _make_calls(self, calls: list[tuple[list[_Segment], bool]]) -> None:
         """Make the calls ``_calls`` planned for one stretch, and forget what they unmapped
         (the pieces done before a call that fails included)."""
-        done: list[_Segment] = []
+        lost: list[PageRange] = []
         unheld, self._unreleased = self._unreleased, []
+        calling: list[_Segment] = []
+        """A group whose call an interrupt (a signal handler's exception) may have cut
+        off before or after it: out of the books all the same (they must never name what
+        may not be mapped any more), its count kept (an over-count frees no page)."""
         try:
             for group, viewed in calls:
                 first, length = group[0].start, group[-1].stop - group[0].start
+                calling = group
                 try:
                     if viewed:
                         quarantine(first, length)
                     else:
                         _libc.munmap(first, length)
                 except OSError as e:
+                    calling = []
                     raise _checks.max_map_count_hint(e) from None
-                done += group
+                lost += self._forget(group)  # at once, not in the finally: an interrupt
+                calling = []  # there would stop it (the count can wait: an over-count)
                 if viewed:  # each mapping keeps its piece until its last view dies
                     unheld += [
                         (s.start, s.stop - s.start)
@@ -586,8 +607,10 @@ class Mapper(ABC):
                         if not s.owner._hold(s.start, s.stop - s.start)
                     ]
         finally:
-            if done:
-                self._lose(self._forget(done))
+            if calling:
+                self._forget(calling)
+            if lost:
+                self._lose(lost)
             # Pieces whose last view died meanwhile: unmapped after the calls, whose room
             # was counted without these cuts into a quarantine.
             self._release(unheld)
@@ -615,6 +638,7 @@ class Mapper(ABC):
 
     def _unmap_all(self) -> None:
         """Unmap every mapping and overlay (closing)."""
+        self._in_step()  # (whatever the lengths say: or this loop might never end)
         while self._segments:
             first = self._segments[0]
             stop = first.stop
@@ -622,7 +646,10 @@ class Mapper(ABC):
                 if seg.start != stop:
                     break
                 stop = seg.stop
+            left = len(self._segments)
             self._unmap_owned(first.start, stop)
+            if len(self._segments) >= left:  # (a bug, not a state to spin in)
+                raise RuntimeError(f"unmapping {first!r} of {self!r} left it in the books")
         unheld, self._unreleased = self._unreleased, []
         self._release(unheld)  # what the limit still refuses, the process keeps
 
@@ -631,6 +658,8 @@ class Mapper(ABC):
     def _view(self, mapping: Mapping) -> memoryview:
         with self._lock:
             self._check_open()
+            if len(self._starts) != len(self._segments):
+                self._in_step()
             lo = bisect_left(self._starts, mapping.address)
             hi = bisect_left(self._starts, mapping.address + mapping.length)
             mine = [seg for seg in self._segments[lo:hi] if seg.owner is mapping]
@@ -653,7 +682,7 @@ class Mapper(ABC):
                 self._check_open()
             if mapping._pieces == 0:
                 raise ValueError(f"{mapping!r} is already closed")
-            self._before_op()
+            self._begin()
             if mapping._pieces == 1 and (mapping._views is None or not mapping._views.live):
                 # The hot path, kept short: one whole segment, no overlay, no view.
                 k = bisect_left(self._starts, mapping.address)
@@ -664,12 +693,17 @@ class Mapper(ABC):
                     and seg.counted
                     and seg.stop - seg.start == mapping.length
                 ):
+                    # The books first: an interrupt (a signal handler's exception) after
+                    # the munmap and before them would leave a range in them that the
+                    # kernel may hand to someone else, and a later unmap would take it.
+                    del self._segments[k]
+                    del self._starts[k]
                     try:
                         _libc.munmap(seg.start, mapping.length)
                     except OSError as e:
+                        self._segments.insert(k, seg)
+                        self._starts.insert(k, seg.start)
                         raise _checks.max_map_count_hint(e) from None
-                    del self._segments[k]
-                    del self._starts[k]
                     mapping._pieces = 0
                     self._nmappings -= 1
                     ps = self.page_size
@@ -692,7 +726,7 @@ class Mapper(ABC):
             self._check_open()
             if overlay.released:
                 raise ValueError(f"{overlay!r} is already released")
-            self._before_op()
+            self._begin()
             lo = bisect_left(self._starts, overlay.address)
             hi = bisect_left(self._starts, overlay.address + overlay.length)
             for seg in self._segments[lo:hi]:
