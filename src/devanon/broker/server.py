@@ -189,6 +189,8 @@ class Daemon:
         stop, not one another daemon may have bound there since."""
         self._reserve = -1
         """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
+        self._verify_rations: dict[int, Ration] = {}
+        """Uid -> the daemon's time its VERIFYs may still take (root is not held)."""
         self._closer = Closer()
         """Closes what clients sent and the daemon does not keep (a close can block)."""
         self._hold_reserve()
@@ -979,8 +981,23 @@ class Daemon:
         # Every client with the memfd: one that maps it without telling us has no counts.
         clients = [self.peers[i] for i in {*obj.holders, *obj.handles} if i in self.peers]
         procs = {c.pid: c.pidfd for c in clients}
-        for pid, pidfd in procs.items():  # each process once
-            add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
+        ration = None if peer.uid == 0 else self._verify_rations.setdefault(peer.uid, Ration())
+        if ration is not None:
+            ration.check(peer.uid)
+        started = time.monotonic()
+        try:
+            for pid, pidfd in procs.items():  # each process once
+                add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
+                if ration is not None and time.monotonic() - started > VERIFY_MOST_S:
+                    raise OSError(
+                        errno.EAGAIN,
+                        f"verifying {name!r} took over {VERIFY_MOST_S:g} s of the daemon's "
+                        f"time (the maps of {len(procs)} processes), the most one VERIFY of "
+                        "a user other than root may take",
+                    )
+        finally:
+            if ration is not None:
+                ration.spend(time.monotonic() - started)
         shown = _pins_shown(obj, procs)
         for pin in obj.pins:  # forked children: counted, but not clients we can read
             if pin.lifeline not in shown:
@@ -1185,6 +1202,38 @@ def _remove_stale_socket(path: str) -> None:
         raise DaemonRunning(errno.EADDRINUSE, f"a devanon daemon already serves {path}")
     finally:
         probe.close()
+
+
+VERIFY_MOST_S = 0.5
+"""The daemon's time one VERIFY (of a uid other than root) may take: it reads every
+client's /proc/PID/maps, which their owners make as long as they like, and the daemon
+serves no one meanwhile."""
+
+
+@dataclass
+class Ration:
+    """The daemon's time a uid's VERIFYs may take: ``VERIFY_MOST_S`` at once, coming back
+    at ``RATE`` (a twentieth of a CPU) once spent."""
+
+    RATE = 0.05
+    left: float = VERIFY_MOST_S
+    at: float = field(default_factory=lambda: time.monotonic())
+
+    def check(self, uid: int) -> None:
+        """EAGAIN unless some time is left (after what came back since)."""
+        now = time.monotonic()
+        self.left = min(VERIFY_MOST_S, self.left + (now - self.at) * self.RATE)
+        self.at = now
+        if self.left <= 0:
+            wait = -self.left / self.RATE
+            raise OSError(
+                errno.EAGAIN,
+                f"uid {uid}'s VERIFYs took the daemon's time they may have for now "
+                f"({self.RATE:.0%} of a CPU): try again in {wait:.1f} s",
+            )
+
+    def spend(self, seconds: float) -> None:
+        self.left -= seconds
 
 
 def _set_socket_rights(path: str, bound: tuple[int, int], mode: int, gid: int | None) -> None:

@@ -1,0 +1,30 @@
+"""The daemon's time a user's VERIFYs may take (they read clients' /proc/PID/maps, which
+those clients' owners make as long as they like, while the daemon serves no one)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from devanon.broker import server
+from devanon.broker.server import VERIFY_MOST_S, Ration
+
+
+def test_a_ration_spent_refuses_until_it_comes_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [100.0]
+    monkeypatch.setattr(server.time, "monotonic", lambda: now[0])
+    ration = Ration()
+    ration.check(1000)
+    ration.spend(VERIFY_MOST_S + 0.25)  # one VERIFY may overrun by what it took
+    with pytest.raises(OSError, match=r"uid 1000's VERIFYs .* try again in 5\.0 s") as refused:
+        ration.check(1000)
+    assert refused.value.errno == errno.EAGAIN
+    now[0] += 4.9
+    with pytest.raises(OSError):
+        ration.check(1000)
+    now[0] += 0.2
+    ration.check(1000)  # back, at a twentieth of a CPU
+    now[0] += 3600
+    ration.check(1000)
+    assert ration.left == VERIFY_MOST_S  # never more than one VERIFY's worth at once
