@@ -25,7 +25,7 @@ from devanon import _checks, _libc
 from devanon import forking as _forking
 from devanon.counts import MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE, Mapper, Mapping, Overlay
-from devanon.punch import filesystem_of, punch_pages, punch_range
+from devanon.punch import data_pages, filesystem_of, punch_pages, punch_range
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Anon", "AnonStats", "Mapping", "Overlay"]
 
@@ -296,23 +296,8 @@ class Anon(Mapper):
 
     def _sweep(self) -> None:
         """Punch every byte of data that lies in pages with no count (after a child left)."""
-        ps = self.page_size
-        for a, b in self._counts.zero_ranges():
-            pos, end = a * ps, b * ps
-            while pos < end:
-                try:
-                    data = os.lseek(self.fd, pos, os.SEEK_DATA)
-                except OSError as e:
-                    if e.errno == errno.ENXIO:
-                        return
-                    raise
-                if data >= end:
-                    break
-                hole = min(os.lseek(self.fd, data, os.SEEK_HOLE), end)
-                data -= data % ps
-                hole += -hole % ps
-                self._punch([(data // ps, hole // ps)])
-                pos = hole
+        for pages in data_pages(self.fd, self._counts.zero_ranges(), self.page_size):
+            self._punch([pages])
 
     # -- fork (devanon.forking holds the lock from before fork() to after) ------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from devanon import _checks, _libc
@@ -74,6 +75,25 @@ def punch_pages(
         calls += punch_range(fd, first * page_size, (last - first) * page_size, name=name)
         freed += (last - first) * page_size
     return calls, freed
+
+
+def data_pages(fd: int, ranges: list[tuple[int, int]], page_size: int) -> Iterator[tuple[int, int]]:
+    """The page ranges within ``ranges`` (pages, sorted) that hold data, by SEEK_DATA and
+    SEEK_HOLE: what a sweep of pages that should hold nothing punches."""
+    for a, b in ranges:
+        pos, end = a * page_size, b * page_size
+        while pos < end:
+            try:
+                data = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # no data past pos
+                    return
+                raise
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            yield data // page_size, -(-hole // page_size)
+            pos = hole
 
 
 def punch_range(fd: int, offset: int, length: int, name: str = "") -> int:

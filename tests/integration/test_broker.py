@@ -1978,6 +1978,37 @@ def test_a_bug_in_a_handler_cuts_its_client_off_and_the_daemon_serves_on(
         thread.join(10)
 
 
+def test_data_in_pages_nobody_counts_is_punched(
+    socket_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that writes without a count (pwrite, or a mapping it never told of: a
+    read fault fills a page too) leaves data that no unmap would free: the daemon punches
+    it at its next sweep, and leaves counted pages as they are (SEEK_DATA tells)."""
+    from devanon.broker import server
+
+    monkeypatch.setattr(server, "SWEEP_EVERY_S", 0.2)
+    served = server.Daemon(str(socket_dir / "sweep.sock"))
+    thread = threading.Thread(target=served.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with connect(served.path) as client:
+            obj = client.open("swept", 16 * PS, create=True)
+            m = obj.map(2 * PS, 2 * PS)
+            m.view()[:] = b"c" * 2 * PS  # counted
+            os.pwrite(obj.fd, b"u" * PS, 8 * PS)  # not counted
+            sneaky = mmap.mmap(obj.fd, PS, offset=12 * PS)  # mapped behind its back
+            assert sneaky[0] == 0  # a read fault: the page is in memory now
+            assert data_pages(obj.fd, 16 * PS, PS) == {2, 3, 8, 12}
+            assert wait_for(lambda: data_pages(obj.fd, 16 * PS, PS) == {2, 3}, timeout=10)
+            assert bytes(m.view()[:2]) == b"cc" and obj.map_count(2 * PS) == 1
+            sneaky.close()
+            m.close()
+            obj.close()
+    finally:
+        served.stop()
+        thread.join(10)
+
+
 def _bytes_when_told(conn: Connection, m: Any, offsets: list[int]) -> None:
     conn.recv()
     conn.send(bytes(m.view()[o] for o in offsets))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE
-from devanon.punch import punch_pages
+from devanon.punch import data_pages, punch_pages
 
 READ = 4
 WRITE = 2
@@ -269,6 +269,15 @@ class SharedObject:
                     zeros += self.counts.remove(first, last)
                 self.punch(zeros)
                 return
+
+    def sweep(self) -> None:
+        """Punch data that lies in pages nobody counts. A client that maps without telling
+        the daemon (a read fault fills a page too) or writes with ``pwrite`` puts it
+        there, and no unmap would ever free it. The protocol lets no one rely on it: a page
+        is touched only once its MAP was said yes to (its count is then above 0)."""
+        if os.fstat(self.fd).st_blocks:
+            for pages in data_pages(self.fd, self.counts.zero_ranges(), self.page_size):
+                self.punch([pages])
 
     def punch(self, zeros: list[PageRange]) -> None:
         calls, freed = punch_pages(self.fd, zeros, self.page_size, name=self.name)

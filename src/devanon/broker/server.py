@@ -189,6 +189,7 @@ class Daemon:
         stop, not one another daemon may have bound there since."""
         self._reserve = -1
         """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
+        self._next_sweep = time.monotonic() + SWEEP_EVERY_S
         self._verify_rations: dict[int, Ration] = {}
         """Uid -> the daemon's time its VERIFYs may still take (root is not held)."""
         self._closer = Closer()
@@ -273,6 +274,8 @@ class Daemon:
                 now = time.monotonic()
                 if served:
                     last = now
+                if now >= self._next_sweep:
+                    self._sweep_uncounted(now)
                 passes += 1
                 try:
                     idle = now - last
@@ -306,6 +309,14 @@ class Daemon:
                             self._run(fd, action)
         finally:
             self._shutdown()
+
+    def _sweep_uncounted(self, now: float) -> None:
+        """Punch data in pages nobody counts, in every object (``SharedObject.sweep``):
+        each ``SWEEP_EVERY_S``."""
+        self._next_sweep = now + SWEEP_EVERY_S
+        with self.state_lock:
+            for obj in self._all_objects():
+                obj.sweep()
 
     def _sleep(self) -> list[tuple[int, int]]:
         """Wait for a descriptor, once the polled rings know that requests now need a WAKE.
@@ -1204,6 +1215,8 @@ def _remove_stale_socket(path: str) -> None:
         probe.close()
 
 
+SWEEP_EVERY_S = 10.0
+"""How often the daemon punches data that lies in pages nobody counts (``_sweep_uncounted``)."""
 VERIFY_MOST_S = 0.5
 """The daemon's time one VERIFY (of a uid other than root) may take: it reads every
 client's /proc/PID/maps, which their owners make as long as they like, and the daemon
