@@ -1892,6 +1892,15 @@ def _refusal(sock: socket.socket, message: bytes, fds: list[int]) -> tuple[int, 
     return op, seq, code, data[wire.REPLY.size + wire.ERROR.size :].decode()
 
 
+def _links_of(pid: int) -> set[str]:
+    """What the descriptors of ``pid`` are (their /proc links)."""
+    links = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            links.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return links
+
+
 def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_recovers(
     daemon: Served,
 ) -> None:
@@ -1914,6 +1923,10 @@ def test_a_message_cut_short_is_refused_by_name_and_a_daemon_out_of_descriptors_
         many = [r] * (wire.MAX_FDS + 1)
         op, seq, code, text = _refusal(raw, wire.request(wire.Op.PIN, 3, pin), many)
         assert (op, seq, code) == (wire.Op.PIN, 3, errno.EPROTO) and "descriptors" in text
+        pipe = os.readlink(f"/proc/self/fd/{r}")
+        assert wait_for(  # the copies it got are closed (by its closer thread, soon)
+            lambda: pipe not in _links_of(pid)
+        )
         soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
         held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
         lowest_free = min(set(range(len(held) + 1)) - held)
