@@ -432,6 +432,34 @@ def test_after_a_daemon_restart_close_unmaps_everything_and_unpickling_reconnect
         assert served.stop() == 0
 
 
+def test_a_forked_child_of_a_client_that_lost_its_daemon_counts_on_a_new_one(
+    socket_dir: Path,
+) -> None:
+    """The child reconnects (to a daemon started since) and its unmaps are told again: a
+    client marked gone stayed so, and the child's pages stayed counted."""
+    path = str(socket_dir / "child.sock")
+    served = start_daemon(path)
+    client = connect(path)
+    assert served.stop() == 0
+    with pytest.raises(BrokerError, match="gone"):
+        client.stat()
+    served = start_daemon(path)
+    try:
+
+        def child() -> int:
+            obj = client.open("again", 4 * PS, create=True)
+            obj.map(0, PS).close()
+            counted = obj.map_count(0)
+            obj.close()
+            return 0 if counted == 0 else 3
+
+        assert run_child(child) == 0
+        with connect(path) as fresh:
+            assert fresh.stat("again")[0]["clients"] == []
+    finally:
+        assert served.stop() == 0
+
+
 def test_a_stopping_daemon_punches_nothing_under_live_mappings(socket_dir: Path) -> None:
     path = str(socket_dir / "stop.sock")
     served = start_daemon(path)
@@ -717,6 +745,24 @@ def test_posted_requests_nobody_waits_for_are_forgotten_once_done(
         client.post_unmap(obj._handle, 6 * PS, PS, wanted=False)  # refused: never mapped
         client.call(wire.Op.SYNC)
         assert client._unwanted == set() and client._late_errors == []
+        obj.close()
+
+
+def test_exclusive_is_read_only_with_create(daemon: Served) -> None:
+    """As documented (and as O_EXCL): without CREATE the EXCLUSIVE bit is not read."""
+    with connect(daemon.socket) as client:
+        obj = client.open("ex", PS, create=True)
+        raw = _raw(daemon.socket)
+        flags = wire.OPEN_WRITABLE | wire.OPEN_EXCLUSIVE
+        assert (
+            _status(raw, wire.request(wire.Op.OPEN, 1, wire.OPEN.pack(0, 0, flags) + b"ex"))[0]
+            == wire.STATUS_OK
+        )
+        flags |= wire.OPEN_CREATE
+        assert _status(
+            raw, wire.request(wire.Op.OPEN, 2, wire.OPEN.pack(PS, 0o600, flags) + b"ex")
+        ) == (wire.STATUS_ERROR, errno.EEXIST)
+        raw.close()
         obj.close()
 
 

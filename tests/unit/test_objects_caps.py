@@ -79,3 +79,34 @@ def test_one_users_pins_leave_room_for_anothers(monkeypatch: pytest.MonkeyPatch)
         for _r, w in pipes:
             os.close(w)
         os.close(pipes[1][0])
+
+
+def test_a_sweep_costs_what_the_data_costs_not_what_the_counts_do(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Counts cut into 16,384 zero runs and one uncounted page of data: the sweep walks
+    the data (a few lseeks), not the zero runs (one lseek each, 4.6 s of the daemon's loop
+    at the caps), punches that page alone, and leaves counted data (SEEK_DATA tells)."""
+    from support import data_pages
+
+    npages = 8 * DENSE_CHUNK
+    obj = SharedObject("sweep", npages * 4096, 0, 0, 0o600)
+    try:
+        obj.map(1, [(p, p + 1) for p in range(0, npages, 2)])
+        os.pwrite(obj.fd, b"c", 0)  # page 0: counted
+        os.pwrite(obj.fd, b"u", (npages - 1) * 4096)  # the last page: nobody's
+        seeks = []
+        real = os.lseek
+
+        def lseek(fd: int, pos: int, how: int) -> int:
+            seeks.append(pos)
+            return real(fd, pos, how)
+
+        monkeypatch.setattr(objects.os, "lseek", lseek)
+        assert obj.sweep(float("inf")) is True
+        assert len(seeks) <= 6
+        monkeypatch.undo()
+        assert data_pages(obj.fd, npages * 4096, 4096) == {0}
+        assert obj.swept_to == 0
+    finally:
+        obj.close()

@@ -156,6 +156,7 @@ class Client:
             raise BrokerError(e.errno, f"{self.path}: {e.strerror}: {why}") from None
         self.generation += 1
         self._pid = os.getpid()
+        self.gone = False  # (a forked child reconnects, maybe to a daemon started since)
         self._drop_ring()
         return sock
 

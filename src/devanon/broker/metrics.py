@@ -111,7 +111,8 @@ def export(
 
     def close() -> None:
         stop.set()
-        writer.join()  # not in the middle of a write, whose rename would bring it back
+        writer.join(5)  # not in the middle of a write, whose rename would bring it back
+        # (a write stuck on its file system for longer: the file is left to it)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(textfile)
 

@@ -11,11 +11,12 @@ import errno
 import fcntl
 import os
 import stat
+import time
 from dataclasses import dataclass, field
 
 from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE
-from devanon.punch import data_pages, punch_pages
+from devanon.punch import punch_pages
 
 READ = 4
 WRITE = 2
@@ -28,6 +29,8 @@ MAX_CLIENT_DENSE = 1 << 12
 """Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
 MAX_PINNED_RANGES = 1 << 18
 """Ranges of one object pinned for forked children by one uid, over all its pins."""
+_SWEEP_STEP = 4 * DENSE_CHUNK
+"""Pages of data a sweep looks at in one step (its counts' zero runs: at most as many)."""
 _DROP_WINDOW = 64 * DENSE_CHUNK
 """Pages of a client's counts dropped at a time, last first (``drop``)."""
 
@@ -63,6 +66,8 @@ class SharedObject:
     """Client id -> how many handles it has open."""
     pins: list[Pin] = field(default_factory=list)
     unlinked: bool = False
+    swept_to: int = 0
+    """Where the sweep of data in uncounted pages goes on from (``sweep``)."""
     freed_bytes: int = 0
     punch_calls: int = 0
 
@@ -270,14 +275,35 @@ class SharedObject:
                 self.punch(zeros)
                 return
 
-    def sweep(self) -> None:
-        """Punch data that lies in pages nobody counts. A client that maps without telling
-        the daemon (a read fault fills a page too) or writes with ``pwrite`` puts it
-        there, and no unmap would ever free it. The protocol lets no one rely on it: a page
-        is touched only once its MAP was said yes to (its count is then above 0)."""
-        if os.fstat(self.fd).st_blocks:
-            for pages in data_pages(self.fd, self.counts.zero_ranges(), self.page_size):
-                self.punch([pages])
+    def sweep(self, until: float) -> bool:
+        """Punch data that lies in pages nobody counts, walking the data (SEEK_DATA) from
+        where the last call stopped until ``time.monotonic()`` passes ``until``; True once
+        the walk reached the end (the next one starts over).
+
+        A client that maps without telling the daemon (a read fault fills a page too) or
+        writes with ``pwrite`` puts such data there, and no unmap would ever free it. The
+        protocol lets no one rely on it: a page is touched only once its MAP was said yes
+        to (its count is then above 0). The walk costs what the data costs, a step of at
+        most ``_SWEEP_STEP`` pages at a time, however the counts are cut up."""
+        ps, pos = self.page_size, self.swept_to
+        while pos < self.size:
+            if time.monotonic() > until:
+                self.swept_to = pos
+                return False
+            try:
+                data = os.lseek(self.fd, pos, os.SEEK_DATA)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # (ENXIO: no data past pos)
+                    raise
+                break
+            first = data // ps
+            last = min(-(-os.lseek(self.fd, data, os.SEEK_HOLE) // ps), first + _SWEEP_STEP)
+            zeros = self.counts.zero_ranges(first, last)
+            if zeros:
+                self.punch(zeros)
+            pos = last * ps
+        self.swept_to = 0
+        return True
 
     def punch(self, zeros: list[PageRange]) -> None:
         calls, freed = punch_pages(self.fd, zeros, self.page_size, name=self.name)

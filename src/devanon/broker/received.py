@@ -3,9 +3,10 @@
 A client chooses what it sends, and the daemon serves everyone from one thread, so nothing
 it does with such a descriptor may block. ``close`` can: a TCP socket with ``SO_LINGER``
 and unsent data waits out its linger (up to 2**31 s), a FUSE file waits on its server's
-flush. So descriptors the daemon does not keep are closed by a thread of their own
-(``Closer``), and a PIN's lifeline is first named by ``/proc/self/fd`` (which asks no file
-system) before anything else is asked of it (``check_lifeline``).
+flush. So descriptors the daemon does not keep are closed by ``Closer``, which turns a
+socket's linger off and leaves files to a thread of its own, and a PIN's lifeline is
+first named by ``/proc/self/fd`` (which asks no file system) before anything else is asked
+of it (``check_lifeline``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import contextlib
 import fcntl
 import os
 import queue
+import socket
+import struct
 import threading
 from collections.abc import Iterable
 
@@ -21,15 +24,38 @@ from devanon.broker import protocol as wire
 
 
 class Closer:
-    """Closes descriptors in a thread of its own, in the order given."""
+    """Closes descriptors without waiting: a socket at once, after turning its linger off
+    (an abortive close: nothing to wait for), a pipe or an anonymous inode at once (their
+    close never waits), a file in a thread of its own, in the order given (a file system's
+    flush may wait on its server)."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
+    @property
+    def backlog(self) -> int:
+        """Files waiting for the thread (one close that blocks holds up the rest)."""
+        return self._queue.qsize()
+
     def close(self, fds: Iterable[int]) -> None:
-        """Close these, soon; never waits."""
+        """Close these, now or soon; never waits."""
         for fd in fds:
+            try:
+                kind = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                kind = "/"
+            if kind.startswith("socket:["):
+                with contextlib.suppress(OSError):
+                    sock = socket.socket(fileno=fd)
+                    try:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+                    finally:
+                        sock.detach()
+            if not kind.startswith("/"):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                continue
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="devanon-closer", daemon=True
@@ -49,6 +75,10 @@ class Closer:
         while (fd := self._queue.get()) >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
+
+
+_NO_LINGER = struct.pack("ii", 1, 0)
+"""``struct linger`` {on, 0 s}: close resets the connection rather than wait to send."""
 
 
 def check_lifeline(fd: int) -> None:

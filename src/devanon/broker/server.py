@@ -190,6 +190,8 @@ class Daemon:
         self._reserve = -1
         """A descriptor held back for ``_turn_away`` (-1: none at the moment)."""
         self._next_sweep = time.monotonic() + SWEEP_EVERY_S
+        self._sweeping: list[SharedObject] = []
+        """The objects the sweep has still to walk in this round, the next last."""
         self._verify_rations: dict[int, Ration] = {}
         """Uid -> the daemon's time its VERIFYs may still take (root is not held)."""
         self._closer = Closer()
@@ -311,12 +313,21 @@ class Daemon:
             self._shutdown()
 
     def _sweep_uncounted(self, now: float) -> None:
-        """Punch data in pages nobody counts, in every object (``SharedObject.sweep``):
-        each ``SWEEP_EVERY_S``."""
-        self._next_sweep = now + SWEEP_EVERY_S
+        """Punch data in pages nobody counts, in every object (``SharedObject.sweep``),
+        each ``SWEEP_EVERY_S``: in slices of ``_SWEEP_SLICE`` at most, ``_SWEEP_GAP``
+        apart, so that it never holds the clients up for long."""
+        if not self._sweeping:
+            self._sweeping = list(self._all_objects())
         with self.state_lock:
-            for obj in self._all_objects():
-                obj.sweep()
+            while self._sweeping:
+                obj = self._sweeping[-1]
+                try:
+                    if obj.fd >= 0 and not obj.sweep(now + _SWEEP_SLICE):
+                        break  # on at the next slice
+                except OSError as e:  # not this object's turn, but the loop goes on
+                    log.warning("sweeping %r: %s", obj.name, e)
+                self._sweeping.pop()
+        self._next_sweep = now + (_SWEEP_GAP if self._sweeping else SWEEP_EVERY_S)
 
     def _sleep(self) -> list[tuple[int, int]]:
         """Wait for a descriptor, once the polled rings know that requests now need a WAKE.
@@ -546,6 +557,15 @@ class Daemon:
                 continue
             fds = wire.descriptors(ancillary)
             if n == 0 and not fds:
+                self._disconnect(peer)
+                return
+            if fds and self._closer.backlog > _CLOSE_BACKLOG:  # its files' closes wait
+                self._closer.close(fds)
+                log.warning(
+                    "client %d (pid %d) cut off: it sends files whose close waits",
+                    peer.id,
+                    peer.pid,
+                )
                 self._disconnect(peer)
                 return
             if flags & _TRUNCATED or n > wire.MAX_MESSAGE:
@@ -811,7 +831,7 @@ class Daemon:
                 f"keeps for one: close some before opening {name!r}",
             )
         obj = self.objects.get(name)
-        if obj is not None and flags & wire.OPEN_EXCLUSIVE:
+        if obj is not None and flags & wire.OPEN_CREATE and flags & wire.OPEN_EXCLUSIVE:
             raise FileExistsError(errno.EEXIST, f"{name!r} exists (an exclusive create)")
         if obj is None:
             if not flags & wire.OPEN_CREATE:
@@ -996,20 +1016,24 @@ class Daemon:
         if ration is not None:
             ration.check(peer.uid)
         started = time.monotonic()
+
+        def in_time() -> None:  # between the /proc files of two processes
+            if ration is not None and time.monotonic() - started > VERIFY_MOST_S:
+                raise OSError(
+                    errno.EAGAIN,
+                    f"verifying {name!r} took over {VERIFY_MOST_S:g} s of the daemon's time "
+                    f"(the /proc files of {len(procs)} processes), the most one VERIFY of a "
+                    "user other than root may take",
+                )
+
         try:
             for pid, pidfd in procs.items():  # each process once
                 add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
-                if ration is not None and time.monotonic() - started > VERIFY_MOST_S:
-                    raise OSError(
-                        errno.EAGAIN,
-                        f"verifying {name!r} took over {VERIFY_MOST_S:g} s of the daemon's "
-                        f"time (the maps of {len(procs)} processes), the most one VERIFY of "
-                        "a user other than root may take",
-                    )
+                in_time()
+            shown = _pins_shown(obj, procs, in_time)
         finally:
             if ration is not None:
                 ration.spend(time.monotonic() - started)
-        shown = _pins_shown(obj, procs)
         for pin in obj.pins:  # forked children: counted, but not clients we can read
             if pin.lifeline not in shown:
                 for first, last in pin.ranges:
@@ -1132,7 +1156,9 @@ SO_PEERPIDFD = 77
 """getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
 
 
-def _pins_shown(obj: SharedObject, procs: dict[int, int]) -> set[int]:
+def _pins_shown(
+    obj: SharedObject, procs: dict[int, int], in_time: Callable[[], None] = lambda: None
+) -> set[int]:
     """The lifelines of ``obj``'s pins whose forked child (or a descendant: one pin counts
     them all) is among ``procs`` (pid: pidfd), the clients whose maps VERIFY reads: it
     holds the pipe's write end. Their maps show the copy the pin counts: not twice. (The
@@ -1141,7 +1167,10 @@ def _pins_shown(obj: SharedObject, procs: dict[int, int]) -> set[int]:
         return set()
     pipes = {pin.lifeline: os.fstat(pin.lifeline).st_ino for pin in obj.pins}
     inodes = set(pipes.values())
-    written = {pid: pipes_written_by(pid, inodes, pidfd) for pid, pidfd in procs.items()}
+    written = {}
+    for pid, pidfd in procs.items():  # (a process may hold any number of descriptors)
+        written[pid] = pipes_written_by(pid, inodes, pidfd)
+        in_time()
     return {
         pin.lifeline
         for pin in obj.pins
@@ -1217,6 +1246,14 @@ def _remove_stale_socket(path: str) -> None:
 
 SWEEP_EVERY_S = 10.0
 """How often the daemon punches data that lies in pages nobody counts (``_sweep_uncounted``)."""
+_CLOSE_BACKLOG = 256
+"""Files waiting to be closed past which a client that sends descriptors is cut off: the
+close of one of them blocks (a file system's flush waiting on its server), and the daemon
+would otherwise hold every descriptor sent after it."""
+_SWEEP_SLICE = 0.005
+_SWEEP_GAP = 0.05
+"""A sweep works ``_SWEEP_SLICE`` seconds at a time, ``_SWEEP_GAP`` apart (a tenth of the
+loop's time at most while there is more to walk)."""
 VERIFY_MOST_S = 0.5
 """The daemon's time one VERIFY (of a uid other than root) may take: it reads every
 client's /proc/PID/maps, which their owners make as long as they like, and the daemon
