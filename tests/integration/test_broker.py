@@ -1372,29 +1372,63 @@ def _lingering_tcp_socket() -> tuple[socket.socket, socket.socket]:
     return sender, receiver
 
 
-def test_a_descriptor_that_blocks_on_close_does_not_stop_the_daemon(daemon: Served) -> None:
-    """A client sends a socket whose close waits out its linger: the daemon refuses the
-    request (only PIN carries a descriptor) and serves everyone meanwhile (its one thread
-    sat in close() for the whole linger)."""
+@pytest.mark.parametrize("how", ["itself", "queued in a unix socket", "one too many", "cut off"])
+def test_a_descriptor_that_blocks_on_close_does_not_stop_the_daemon(
+    daemon: Served, how: str
+) -> None:
+    """A client sends a socket whose close waits out its linger (60 s), and closes its own
+    copy: the daemon refuses the request (only PIN carries a descriptor) and serves
+    everyone meanwhile. Its one thread sat in that close (the socket itself; an AF_UNIX
+    socket carrying it in an unread message; the fifth of a message, which the kernel
+    closed as it found no room; a message still queued when the client was cut off,
+    freed by the close of its socket)."""
     sender, receiver = _lingering_tcp_socket()
-    with connect(daemon.socket) as client, connect(daemon.socket) as other:
+    carrier, holder = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    socket.send_fds(carrier, [b"x"], [sender.fileno()])  # in holder's queue now
+    r, w = os.pipe()
+    sent = {
+        "itself": [sender.fileno()],
+        "queued in a unix socket": [holder.fileno()],
+        "one too many": [r] * wire.MAX_FDS + [sender.fileno()],
+        "cut off": [sender.fileno()],
+    }[how]
+    with connect(daemon.socket) as other:
         obj = other.open("served", PS, create=True)
-        with pytest.raises(OSError, match="only PIN") as refused:
-            client.call(wire.Op.SYNC, b"", [sender.fileno()])
-        assert refused.value.errno == errno.EPROTO
-        sender.close()  # the daemon's copy is the last: its close lingers
         started = time.monotonic()
+        raw = _raw(daemon.socket)
+        if how == "cut off":  # its queue holds the socket when it is cut off
+            for _ in range(40):
+                raw.send(bytes([77]) + bytes(7))  # unknown ops: cut off after 16
+        socket.send_fds(raw, [wire.request(wire.Op.SYNC, 99)], sent)
+        for each in (sender, carrier, holder):
+            each.close()  # in flight: the daemon's copy is the last, and its close lingers
+        if how != "cut off":
+            _, status, seq = wire.REPLY.unpack_from(raw.recv(wire.MAX_MESSAGE))
+            assert (status, seq) == (wire.STATUS_ERROR, 99)
         for _ in range(3):
             obj.map(0, PS).close()
             other.stat()
         assert time.monotonic() - started < 10  # not the 60 s linger
-        mine = client.open("served")
-        with pytest.raises(OSError, match="pipe"):  # refused by its name alone
-            client.call(wire.Op.PIN, wire.pack_ranges(mine._handle, [(0, PS)]), [receiver.fileno()])
-        assert time.monotonic() - started < 10
-        mine.close()
+        raw.close()
         obj.close()
     receiver.close()  # the linger ends
+    os.close(r)
+    os.close(w)
+
+
+def test_a_descriptor_sent_by_mistake_is_not_changed(daemon: Served) -> None:
+    """The daemon refuses it and lets go of its copy; the client's (the same socket) keeps
+    its options (an abortive-close linger set on it cut the client's own stream short)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    mine = socket.create_connection(listener.getsockname())
+    mine.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 30))
+    with connect(daemon.socket) as client:
+        with pytest.raises(OSError, match="only PIN"):
+            client.call(wire.Op.SYNC, b"", [mine.fileno()])
+        client.call(wire.Op.SYNC)
+    assert struct.unpack("ii", mine.getsockopt(socket.SOL_SOCKET, socket.SO_LINGER, 8)) == (1, 30)
+    for each in (mine, listener):
+        each.close()
 
 
 def _create_shut_out(conn: Connection, path: str) -> None:

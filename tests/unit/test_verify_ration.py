@@ -54,3 +54,27 @@ def test_reading_who_holds_the_pins_is_timed_too(monkeypatch: pytest.MonkeyPatch
     finally:
         obj.close()
         os.close(w)
+
+
+def test_one_process_maps_are_read_in_time_too() -> None:
+    """A client makes its /proc/PID/maps as long as it likes (240 MB took 3.5 s to read
+    in one go): the lines are read a few thousand at a time, the clock looked at between,
+    and nothing is added when it says stop."""
+    import os
+
+    from devanon.broker.verify import add_maps_of
+    from devanon.counts import MapCounts
+
+    into = MapCounts(1 << 20)
+    looked = []
+
+    def in_time() -> None:
+        looked.append(1)
+        raise OSError(errno.EAGAIN, "out of time")
+
+    st = os.stat("/proc/self/exe")
+    with pytest.raises(OSError, match="out of time"):
+        add_maps_of(os.getpid(), st.st_dev, st.st_ino, 4096, into, None, in_time)
+    assert looked == [1] and into.mapped_pages() == 0
+    add_maps_of(os.getpid(), st.st_dev, st.st_ino, 4096, into)  # the interpreter's pages
+    assert into.mapped_pages() > 0

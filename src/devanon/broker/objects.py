@@ -29,8 +29,9 @@ MAX_CLIENT_DENSE = 1 << 12
 """Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
 MAX_PINNED_RANGES = 1 << 18
 """Ranges of one object pinned for forked children by one uid, over all its pins."""
-_SWEEP_STEP = 4 * DENSE_CHUNK
-"""Pages of data a sweep looks at in one step (its counts' zero runs: at most as many)."""
+_SWEEP_STEP = 1024
+"""Pages of data a sweep looks at in one step: at most 512 punches (every other page
+uncounted), a few milliseconds, between two looks at the clock."""
 _DROP_WINDOW = 64 * DENSE_CHUNK
 """Pages of a client's counts dropped at a time, last first (``drop``)."""
 

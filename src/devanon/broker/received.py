@@ -3,8 +3,10 @@
 A client chooses what it sends, and the daemon serves everyone from one thread, so nothing
 it does with such a descriptor may block. ``close`` can: a TCP socket with ``SO_LINGER``
 and unsent data waits out its linger (up to 2**31 s), a FUSE file waits on its server's
-flush. So descriptors the daemon does not keep are closed by ``Closer``, which turns a
-socket's linger off and leaves files to a thread of its own, and a PIN's lifeline is
+flush, an AF_UNIX socket drops the descriptors queued in it. So descriptors the daemon
+does not keep are closed by a thread of its own (``Closer``), with the sockets of the
+clients it cuts off; it receives every descriptor a message carries (the kernel would
+close those that find no room itself, in the daemon's thread); and a PIN's lifeline is
 first named by ``/proc/self/fd`` (which asks no file system) before anything else is asked
 of it (``check_lifeline``).
 """
@@ -15,8 +17,6 @@ import contextlib
 import fcntl
 import os
 import queue
-import socket
-import struct
 import threading
 from collections.abc import Iterable
 
@@ -24,10 +24,11 @@ from devanon.broker import protocol as wire
 
 
 class Closer:
-    """Closes descriptors without waiting: a socket at once, after turning its linger off
-    (an abortive close: nothing to wait for), a pipe or an anonymous inode at once (their
-    close never waits), a file in a thread of its own, in the order given (a file system's
-    flush may wait on its server)."""
+    """Closes descriptors without waiting: a pipe at once (its close never waits), anything
+    else in a thread of its own, in the order given. A file's close may wait on its file
+    system (a FUSE server's flush); a socket's, on its linger (a TCP socket with unsent
+    data), or on the descriptors queued in it (an AF_UNIX socket's unread messages may
+    carry such a socket). Nothing is changed on them: a client's copy is the client's."""
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -35,7 +36,7 @@ class Closer:
 
     @property
     def backlog(self) -> int:
-        """Files waiting for the thread (one close that blocks holds up the rest)."""
+        """Descriptors waiting for the thread (one close that blocks holds up the rest)."""
         return self._queue.qsize()
 
     def close(self, fds: Iterable[int]) -> None:
@@ -44,15 +45,8 @@ class Closer:
             try:
                 kind = os.readlink(f"/proc/self/fd/{fd}")
             except OSError:
-                kind = "/"
-            if kind.startswith("socket:["):
-                with contextlib.suppress(OSError):
-                    sock = socket.socket(fileno=fd)
-                    try:
-                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
-                    finally:
-                        sock.detach()
-            if not kind.startswith("/"):
+                kind = ""
+            if kind.startswith("pipe:["):
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 continue
@@ -75,10 +69,6 @@ class Closer:
         while (fd := self._queue.get()) >= 0:
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-_NO_LINGER = struct.pack("ii", 1, 0)
-"""``struct linger`` {on, 0 s}: close resets the connection rather than wait to send."""
 
 
 def check_lifeline(fd: int) -> None:

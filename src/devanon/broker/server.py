@@ -327,7 +327,8 @@ class Daemon:
                 except OSError as e:  # not this object's turn, but the loop goes on
                     log.warning("sweeping %r: %s", obj.name, e)
                 self._sweeping.pop()
-        self._next_sweep = now + (_SWEEP_GAP if self._sweeping else SWEEP_EVERY_S)
+        # From the slice's end: a slice that ran long still leaves the loop its gap.
+        self._next_sweep = time.monotonic() + (_SWEEP_GAP if self._sweeping else SWEEP_EVERY_S)
 
     def _sleep(self) -> list[tuple[int, int]]:
         """Wait for a descriptor, once the polled rings know that requests now need a WAKE.
@@ -539,7 +540,7 @@ class Daemon:
         sock, buf = peer.sock, self._buf
         for _ in range(_BATCH):
             try:
-                n, ancillary, flags, _ = sock.recvmsg_into([buf], wire.ANCILLARY)
+                n, ancillary, flags, _ = sock.recvmsg_into([buf], _EVERY_DESCRIPTOR)
             except BlockingIOError:
                 return
             except OSError:
@@ -559,7 +560,7 @@ class Daemon:
             if n == 0 and not fds:
                 self._disconnect(peer)
                 return
-            if fds and self._closer.backlog > _CLOSE_BACKLOG:  # its files' closes wait
+            if fds and self._closer.backlog > _CLOSE_BACKLOG:  # their closes wait
                 self._closer.close(fds)
                 log.warning(
                     "client %d (pid %d) cut off: it sends files whose close waits",
@@ -568,7 +569,7 @@ class Daemon:
                 )
                 self._disconnect(peer)
                 return
-            if flags & _TRUNCATED or n > wire.MAX_MESSAGE:
+            if flags & _TRUNCATED or n > wire.MAX_MESSAGE or len(fds) > wire.MAX_FDS:
                 self._closer.close(fds)
                 self._truncated(peer, n, flags, len(fds))
             else:
@@ -739,7 +740,7 @@ class Daemon:
         op, seq = self._op_and_seq(n)
         if flags & socket.MSG_TRUNC or n > wire.MAX_MESSAGE:
             self._protocol_error(peer, op, seq, f"message over {wire.MAX_MESSAGE} bytes")
-        elif nfds >= wire.MAX_FDS:
+        elif nfds > wire.MAX_FDS:
             self._protocol_error(peer, op, seq, f"more than {wire.MAX_FDS} descriptors")
         else:
             log.warning("client %d: descriptors dropped, the daemon is out of them", peer.id)
@@ -791,7 +792,7 @@ class Daemon:
         self._unwatch(peer.sock.fileno())
         self._unwatch(peer.pidfd)
         self._drop_ring(peer)
-        peer.sock.close()
+        self._closer.close([peer.sock.detach()])  # (messages queued in it may carry files)
         os.close(peer.pidfd)
         self._forget_unused()
         if drop_counts:
@@ -1028,8 +1029,7 @@ class Daemon:
 
         try:
             for pid, pidfd in procs.items():  # each process once
-                add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd)
-                in_time()
+                add_maps_of(pid, dev, ino, obj.page_size, kernel, pidfd, in_time)
             shown = _pins_shown(obj, procs, in_time)
         finally:
             if ration is not None:
@@ -1246,6 +1246,9 @@ def _remove_stale_socket(path: str) -> None:
 
 SWEEP_EVERY_S = 10.0
 """How often the daemon punches data that lies in pages nobody counts (``_sweep_uncounted``)."""
+_EVERY_DESCRIPTOR = socket.CMSG_SPACE(253 * 4)
+"""Room for every descriptor a message can carry (SCM_MAX_FD): those that found none the
+kernel would close itself, in the daemon's thread, and such a close may wait."""
 _CLOSE_BACKLOG = 256
 """Files waiting to be closed past which a client that sends descriptors is cut off: the
 close of one of them blocks (a file system's flush waiting on its server), and the daemon
