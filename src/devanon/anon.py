@@ -25,7 +25,7 @@ from devanon import _checks, _libc
 from devanon import forking as _forking
 from devanon.counts import MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE, Mapper, Mapping, Overlay
-from devanon.punch import data_pages, filesystem_of, punch_pages, punch_range
+from devanon.punch import filesystem_of, punch_pages, punch_range, uncounted
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Anon", "AnonStats", "Mapping", "Overlay"]
 
@@ -296,8 +296,8 @@ class Anon(Mapper):
 
     def _sweep(self) -> None:
         """Punch every byte of data that lies in pages with no count (after a child left)."""
-        for pages in data_pages(self.fd, self._counts.zero_ranges(), self.page_size):
-            self._punch([pages])
+        for _, zeros in uncounted(self.fd, self._counts, self.page_size):
+            self._punch(zeros)
 
     # -- fork (devanon.forking holds the lock from before fork() to after) ------------------
 

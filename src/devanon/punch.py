@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from devanon import _checks, _libc
+from devanon.counts import MapCounts, PageRange
 
 PUNCH_BATCH = 128 << 20
 """The most one fallocate call punches."""
@@ -77,23 +78,42 @@ def punch_pages(
     return calls, freed
 
 
-def data_pages(fd: int, ranges: list[tuple[int, int]], page_size: int) -> Iterator[tuple[int, int]]:
-    """The page ranges within ``ranges`` (pages, sorted) that hold data, by SEEK_DATA and
-    SEEK_HOLE: what a sweep of pages that should hold nothing punches."""
-    for a, b in ranges:
-        pos, end = a * page_size, b * page_size
-        while pos < end:
-            try:
-                data = os.lseek(fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data past pos
-                    return
-                raise
-            if data >= end:
-                break
-            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-            yield data // page_size, -(-hole // page_size)
-            pos = hole
+SWEEP_STEP = 1024
+"""Pages a sweep (``uncounted``) looks at in one step: at most 512 punches (every other
+page uncounted), a few milliseconds."""
+
+
+def data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The byte ranges ``[data, hole)`` within ``[start, end)`` that hold data, by
+    SEEK_DATA and SEEK_HOLE (the kernel's view of holes)."""
+    pos = start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data past pos
+                return
+            raise
+        if data >= end:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
+
+
+def uncounted(
+    fd: int, counts: MapCounts, page_size: int, start: int = 0
+) -> Iterator[tuple[int, list[PageRange]]]:
+    """Walk the data of ``fd`` from page ``start``, ``SWEEP_STEP`` pages at most a step:
+    for each step, the page after it and the page ranges in it whose count is 0 (data
+    that no unmap will ever free: what a sweep punches). It costs what the data costs,
+    however the counts are cut up."""
+    for data, hole in data_extents(fd, start * page_size, counts.npages * page_size):
+        first, stop = data // page_size, -(-hole // page_size)
+        while first < stop:
+            last = min(stop, first + SWEEP_STEP)
+            yield last, counts.zero_ranges(first, last)
+            first = last
 
 
 def punch_range(fd: int, offset: int, length: int, name: str = "") -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from devanon.anon import PAGE_SIZE, Anon
-from devanon.punch import punch_hole
+from devanon.punch import data_extents, punch_hole
 from devanon.sizes import format_size
 
 
@@ -34,16 +34,7 @@ class Step:
 
 def data_bytes(fd: int, size: int) -> int:
     """Bytes of ``fd`` that SEEK_DATA/SEEK_HOLE call data (the kernel's view of holes)."""
-    total, pos = 0, 0
-    while pos < size:
-        try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after pos
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        total += end - start
-        pos = end
-    return total
+    return sum(hole - data for data, hole in data_extents(fd, 0, size))
 
 
 def run(size: int = 256 << 20, report: Callable[[Step], None] | None = None) -> list[Step]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE
-from devanon.punch import punch_pages
+from devanon.punch import punch_pages, uncounted
 
 READ = 4
 WRITE = 2
@@ -29,9 +29,6 @@ MAX_CLIENT_DENSE = 1 << 12
 """Dense chunks one client's counts of one object may take (16 MiB at a byte a page)."""
 MAX_PINNED_RANGES = 1 << 18
 """Ranges of one object pinned for forked children by one uid, over all its pins."""
-_SWEEP_STEP = 1024
-"""Pages of data a sweep looks at in one step: at most 512 punches (every other page
-uncounted), a few milliseconds, between two looks at the clock."""
 _DROP_WINDOW = 64 * DENSE_CHUNK
 """Pages of a client's counts dropped at a time, last first (``drop``)."""
 
@@ -68,7 +65,7 @@ class SharedObject:
     pins: list[Pin] = field(default_factory=list)
     unlinked: bool = False
     swept_to: int = 0
-    """Where the sweep of data in uncounted pages goes on from (``sweep``)."""
+    """The page the sweep of data in uncounted pages goes on from (``sweep``)."""
     freed_bytes: int = 0
     punch_calls: int = 0
 
@@ -277,32 +274,20 @@ class SharedObject:
                 return
 
     def sweep(self, until: float) -> bool:
-        """Punch data that lies in pages nobody counts, walking the data (SEEK_DATA) from
-        where the last call stopped until ``time.monotonic()`` passes ``until``; True once
-        the walk reached the end (the next one starts over).
+        """Punch data that lies in pages nobody counts (``punch.uncounted``), from where the
+        last call stopped, a step at a time until ``time.monotonic()`` passes ``until``;
+        True once the walk reached the end (the next one starts over).
 
         A client that maps without telling the daemon (a read fault fills a page too) or
         writes with ``pwrite`` puts such data there, and no unmap would ever free it. The
         protocol lets no one rely on it: a page is touched only once its MAP was said yes
-        to (its count is then above 0). The walk costs what the data costs, a step of at
-        most ``_SWEEP_STEP`` pages at a time, however the counts are cut up."""
-        ps, pos = self.page_size, self.swept_to
-        while pos < self.size:
-            if time.monotonic() > until:
-                self.swept_to = pos
-                return False
-            try:
-                data = os.lseek(self.fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno != errno.ENXIO:  # (ENXIO: no data past pos)
-                    raise
-                break
-            first = data // ps
-            last = min(-(-os.lseek(self.fd, data, os.SEEK_HOLE) // ps), first + _SWEEP_STEP)
-            zeros = self.counts.zero_ranges(first, last)
+        to (its count is then above 0)."""
+        for stop, zeros in uncounted(self.fd, self.counts, self.page_size, self.swept_to):
             if zeros:
                 self.punch(zeros)
-            pos = last * ps
+            if time.monotonic() > until:
+                self.swept_to = stop
+                return False
         self.swept_to = 0
         return True
 
