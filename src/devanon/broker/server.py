@@ -602,22 +602,18 @@ class Daemon:
         yes and the count: a yes that cannot be sent, or finds no room in the ring, cuts
         the client off without it, and a WAKE is sent only after the pass
         (``_serve_ring``)."""
-        if (
-            flags & wire.FLAG_GIVE_BACK
-            and op == wire.Op.UNMAP
-            and flags & wire.FLAG_NOREPLY
-            and peer.refused_maps.get(seq) == (handle, offset, length)
-        ):
-            del peer.refused_maps[seq]  # that MAP was refused: nothing to give back
-            return False
         obj = peer.handles.get(handle)
         try:
+            if flags & wire.FLAG_GIVE_BACK:  # (before the handle: a MAP refused for it too)
+                if op != wire.Op.UNMAP or not flags & wire.FLAG_NOREPLY:
+                    raise ValueError(_GIVE_BACK_RULE)
+                if peer.refused_maps.get(seq) == (handle, offset, length):
+                    del peer.refused_maps[seq]  # that MAP was refused: nothing to give back
+                    return False
             if obj is None:
                 raise ValueError(f"no open handle {handle}")
             first, last = obj.page_range(offset, length)
             if op == wire.Op.MAP:
-                if flags & wire.FLAG_GIVE_BACK:
-                    raise ValueError(_GIVE_BACK_RULE)
                 obj.room_for(peer.id, 1)
                 self._answer(peer, op, seq, ring)
                 if peer.id in self.peers:  # not cut off by the answer
@@ -625,8 +621,6 @@ class Daemon:
                     if peer.refused_maps:  # a seq used again names this MAP from now on
                         peer.refused_maps.pop(seq, None)
                 return True
-            if flags & wire.FLAG_GIVE_BACK and not flags & wire.FLAG_NOREPLY:
-                raise ValueError(_GIVE_BACK_RULE)
             obj.unmap_one(peer.id, first, last)
         except (ValueError, OSError) as e:
             if op == wire.Op.MAP:
@@ -1018,7 +1012,7 @@ class Daemon:
             ration.check(peer.uid)
         started = time.monotonic()
 
-        def in_time() -> None:  # between the /proc files of two processes
+        def in_time() -> None:  # now and then while /proc files are read
             if ration is not None and time.monotonic() - started > VERIFY_MOST_S:
                 raise OSError(
                     errno.EAGAIN,
@@ -1148,9 +1142,9 @@ class Daemon:
 
 
 _REFUSALS_KEPT = 64
-_GIVE_BACK_RULE = "GIVE_BACK goes only on a one-range UNMAP with NOREPLY"
 """Refused MAPs a peer's give-backs are checked against: a give-back follows its MAP at
 once (the client sends it as soon as it stops waiting)."""
+_GIVE_BACK_RULE = "GIVE_BACK goes only on a one-range UNMAP with NOREPLY"
 
 SO_PEERPIDFD = 77
 """getsockopt: a pidfd of the peer as it was at connect() (Linux 6.5)."""
