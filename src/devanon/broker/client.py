@@ -456,12 +456,12 @@ class Client:
         if self._give_back and op != wire.Op.WAKE:
             # Socket replies come in order: an interrupted MAP before this one that has
             # had no answer never went out.
-            for old in [s for s in self._give_back if 0 < (rseq - s) % (1 << 32) < 1 << 31]:
+            for old in [s for s in self._give_back if _before(s, rseq)]:
                 del self._give_back[old]
         if self._unwanted and op != wire.Op.WAKE:
             # Nor will a refusal of an earlier posted request come after this: one that
             # the daemon took (or dropped, a give-back) is answered by nothing.
-            self._unwanted = {s for s in self._unwanted if not 0 < (rseq - s) % (1 << 32) < 1 << 31}
+            self._unwanted = {s for s in self._unwanted if not _before(s, rseq)}
         return op, status, rseq, rfds
 
     def _keep(self, op: int, rseq: int, reply: tuple[int, bytes, list[int]]) -> None:
@@ -661,6 +661,11 @@ class Client:
         self.close()
 
 
+def _before(seq: int, other: int) -> bool:
+    """Whether request ``seq`` was sent before ``other`` (seqs are u32s that wrap)."""
+    return 0 < (other - seq) % (1 << 32) < 1 << 31
+
+
 def _name(name: object) -> bytes:
     if not isinstance(name, str):
         raise TypeError(f"an object name is a str, not {name!r}")
@@ -701,13 +706,8 @@ def _reopen(
         if not client.gone:
             raise
         shared = shared_client(path).open(name, writable=writable)  # a new daemon's
-    if identity is not None and shared._file_id != identity:
-        shared.close()
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"{name!r} at {path} is not the object that was pickled (unlinked since, and "
-            "a new one made under its name)",
-        )
+    if identity is not None:
+        shared._expect(identity, "that was pickled")
     return shared
 
 
@@ -910,18 +910,23 @@ class SharedAnon(Mapper):
         if self._generation != self.client.generation or self.client._pid < 0:
             self._reopen_here()
 
+    def _expect(self, identity: tuple[int, int], which: str) -> None:
+        """Closed, and FileNotFoundError, unless this is the memfd ``identity`` (device,
+        inode): opened by name again, it may be a newer object of the name."""
+        if self._file_id != identity:
+            self.close()
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"{self.name!r} at {self.client.path} is not the object {which} (unlinked "
+                "since, and a new one made under its name)",
+            )
+
     def _reopen_here(self) -> None:
         """In a forked child: open the object again on this process's own connection: the
         same memfd, not a newer object of its name (unlinked since, and made again, maybe
         by another user)."""
         fresh = self.client.open(self.name, writable=self._writable_fd)
-        if fresh._file_id != self._file_id:
-            fresh.close()
-            raise FileNotFoundError(
-                errno.ENOENT,
-                f"{self.name!r} at {self.client.path} is not the object this process "
-                "inherited (unlinked since, and a new one made under its name)",
-            )
+        fresh._expect(self._file_id, "this process inherited")
         os.close(self.fd)
         self.fd, fresh.fd = fresh.fd, -1
         self._handle = fresh._handle
