@@ -42,6 +42,9 @@ UNMAP. Every request is the broker's MAP/UNMAP message (28 bytes) for one 4 KiB 
     echo server. Also the servers' CPU share (1.0 = one core busy), the share of the time
     they were runnable but waited for a CPU, and CPU time per pair (server and clients).
     Target: >= 20,000 pairs/s with 8 clients (judged for each start method apart).
+    Diagnostic row ``8_clients_spawned_fixed_layout``: 8 spawned with every process's
+    address layout the same (``FIXED_LAYOUT``); ``same_layout`` says, for each row,
+    whether the workers' executables lie at one address (``/proc/PID/maps``).
     ``8_clients_computing``: 8 spawned clients that compute (a Python loop, ~150 us here)
     before each pair, as a pipeline does, against the same loop without the pair: the
     iterations a second both ways and the daemon's CPU share (no target: it shows what the
@@ -102,7 +105,7 @@ PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
 OBJECT = "bench-broker"
 OBJECT_SIZE = MiB
 """Pages: 0 for the main process's ring client, ``SOCKET_PAGE`` for its socket-only client,
-1 + i for worker i of 24 (each page has one user: every unmap brings its count to 0 and
+1 + i for worker i of 32 (each page has one user: every unmap brings its count to 0 and
 the daemon punches it)."""
 SOCKET_PAGE = OBJECT_SIZE // PAGE - 1
 WORKER_WARMUP = 300
@@ -123,8 +126,22 @@ imports this module and forks each worker), ``spawn`` starts a fresh interpreter
 default on macOS and Windows). Forked workers, from either, share their parent's pages
 (Python's code and objects) until they write them, so on 2 cores they cost the caches less
 than spawned ones."""
-ROW_SUFFIX = {"spawn": "", "forkserver": "_forkserver", "fork": "_forked"}
+FIXED_LAYOUT = "spawn_fixed_layout"
+"""A diagnosis, not a way to quote: 8 workers spawned with the address layout of every
+process the same (``ADDR_NO_RANDOMIZE``, as ``setarch -R`` runs a command), as forked
+workers have it. The gap between spawned and forked workers is there, not in what they
+share: switching between processes whose code lies at different addresses finds the
+CPU's branch predictors trained for the other addresses, and on 2 cores 8 clients switch
+every few microseconds."""
+ROW_SUFFIX = {
+    "spawn": "",
+    "forkserver": "_forkserver",
+    "fork": "_forked",
+    FIXED_LAYOUT: "_spawned_fixed_layout",
+}
 """The throughput rows' names: ``8_clients`` (spawned), ``8_clients_forkserver``, ..."""
+ADDR_NO_RANDOMIZE = 0x0040000
+"""personality(2)'s flag: no address space randomization for what this process execs."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +280,29 @@ class DaemonProcess:
             "target": "stopped cleanly by SIGTERM, nothing failed or cut off in its log",
             "ok": clean and not trouble,
         }
+
+
+def same_layout(pids: list[int]) -> bool:
+    """Whether these processes have their first mapping (the Python executable's) at the
+    same address (``/proc/PID/maps``): the kernel's word on ``FIXED_LAYOUT``."""
+    starts = set()
+    for pid in pids:
+        with open(f"/proc/{pid}/maps") as f:
+            starts.add(f.readline().split("-", 1)[0])
+    return len(starts) == 1
+
+
+@contextlib.contextmanager
+def fixed_layout() -> Iterator[None]:
+    """Processes this one starts meanwhile get the same address layout (``FIXED_LAYOUT``)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    persona = libc.personality(0xFFFFFFFF)
+    if persona == -1 or libc.personality(persona | ADDR_NO_RANDOMIZE) == -1:
+        raise OSError(ctypes.get_errno(), "personality(ADDR_NO_RANDOMIZE)")
+    try:
+        yield
+    finally:
+        libc.personality(persona)
 
 
 @contextlib.contextmanager
@@ -643,25 +683,29 @@ def bench_throughput(
     for (c).
     """
     nworkers = max(cfg.clients)
-    log(f"(b) throughput: starting {nworkers} client processes each way: {START_METHODS}")
+    methods = (*START_METHODS, FIXED_LAYOUT)
+    log(f"(b) throughput: starting {nworkers} client processes each way: {methods}")
     groups: dict[str, list[Connection]] = {}
-    for method in START_METHODS:
-        ctx = mp.get_context(method)
+    layouts: dict[str, bool] = {}
+    for method in methods:
+        ctx = mp.get_context("spawn" if method == FIXED_LAYOUT else method)
         group = groups[method] = []
-        for _ in range(nworkers):
-            i = len(pipes)
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker,
-                args=(i, servers.daemon.socket_path, servers.epoll_path, theirs),
-                name=f"bench-worker-{i}",
-                daemon=True,
-            )
-            proc.start()
-            procs.append(proc)
-            theirs.close()
-            pipes.append(ours)
-            group.append(ours)
+        with fixed_layout() if method == FIXED_LAYOUT else contextlib.nullcontext():
+            for _ in range(nworkers):
+                i = len(pipes)
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(
+                    target=worker,
+                    args=(i, servers.daemon.socket_path, servers.epoll_path, theirs),
+                    name=f"bench-worker-{i}",
+                    daemon=True,
+                )
+                proc.start()
+                procs.append(proc)
+                theirs.close()
+                pipes.append(ours)
+                group.append(ours)
+        layouts[method] = same_layout([p.pid for p in procs[-nworkers:] if p.pid])
     for pipe in pipes:
         receive(pipe, "starting", 120)
     assert servers.daemon.proc is not None and servers.epoll.pid is not None
@@ -670,7 +714,7 @@ def bench_throughput(
     server_pid["echo"] = servers.epoll.pid
     sets = [
         *(("spawn", n, "broker") for n in cfg.clients),
-        *((m, nworkers, "broker") for m in START_METHODS[1:]),
+        *((m, nworkers, "broker") for m in (*START_METHODS[1:], FIXED_LAYOUT)),
         ("spawn", nworkers, "compute_broker"),
     ]
     runs = [(k, method, n) for method, n, kind in sets for k in (kind, KINDS[kind])]
@@ -688,6 +732,7 @@ def bench_throughput(
     rows: Json = {}
     for method, n, mapping in sets:
         row: Json = {"clients": n, "start_method": method}
+        row["same_layout"] = layouts[method] if n > 1 else None
         rates = {}
         for kind in (mapping, KINDS[mapping]):
             rounds = results[kind, method, n]
@@ -717,7 +762,7 @@ def bench_throughput(
             row["ok"] = None
             rows[f"{n}_clients_computing"] = row
             continue
-        if n == THROUGHPUT_CLIENTS:
+        if n == THROUGHPUT_CLIENTS and method != FIXED_LAYOUT:
             row["target"] = f"broker pairs_per_s >= {THROUGHPUT_TARGET}"
             row["ok"] = rates["broker"] >= THROUGHPUT_TARGET
         else:
@@ -728,7 +773,9 @@ def bench_throughput(
         "what": "client processes (started by multiprocessing's spawn, forkserver (its "
         "default on Linux from Python 3.14) or fork (its default before)), each its own "
         "connection and its own 4 KiB page "
-        "of the one object, looping for a fixed time; broker: SharedAnon.map + "
+        "of the one object, looping for a fixed time (spawned_fixed_layout: spawned with "
+        "ADDR_NO_RANDOMIZE, a diagnosis; same_layout: the workers' executables at one "
+        "address); broker: SharedAnon.map + "
         "Mapping.close; echo: request, 8-byte reply, posted message to the selectors echo "
         "server; pairs_per_s: the median of the rounds; server_cpu_share: the server "
         "process's CPU time / wall time (1.0 = one core); server_wait_share: the time it "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 
@@ -88,3 +88,15 @@ def daemon_descriptors(pid: int) -> dict[int, str]:
             if not link.startswith("/proc/"):
                 links[int(name)] = link
     return links
+
+
+@contextlib.contextmanager
+def busy_cpus(n: int) -> Iterator[None]:
+    """``n`` processes spinning in Python, killed on the way out."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in spinners:
+            proc.kill()
+            proc.wait()

@@ -23,13 +23,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 import pytest
-from broker_daemon import Served, daemon_descriptors, start_daemon, wait_for
+from broker_daemon import Served, busy_cpus, daemon_descriptors, start_daemon, wait_for
 from support import (
     data_pages,
     interrupt_after_next_mmap,
@@ -144,18 +144,6 @@ def _random_mapper(conn: Connection, path: str, seed: int, npages: int, pause: f
                     live[-1].view()[0] = seed
         conn.send("settled")
         conn.recv()
-
-
-@contextlib.contextmanager
-def busy_cpus(n: int) -> Iterator[None]:
-    """``n`` processes spinning in Python, killed on the way out."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
-    try:
-        yield
-    finally:
-        for proc in spinners:
-            proc.kill()
-            proc.wait()
 
 
 def _naps(port: int) -> float:
