@@ -122,6 +122,17 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise _fail(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
 
 
+_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+
+
+def punch_hole(fd: int, offset: int, length: int) -> int:
+    """fallocate(2) with PUNCH_HOLE | KEEP_SIZE: 0, or -1 where it failed (no exception:
+    the caller, an unmap's hot path, then takes ``devanon.punch.punch_range``, which
+    tries again and explains, or falls back)."""
+    status: int = _fallocate(fd, _PUNCH_HOLE, offset, length)
+    return status
+
+
 def getsockopt(fd: int, level: int, option: int, room: int) -> tuple[bytes, int]:
     """getsockopt(2) with ``room`` bytes for the value (``socket.getsockopt`` takes at most
     1,024): ``(value, 0)``, or ``(b"", needed)`` where the kernel answers ERANGE and says

@@ -86,24 +86,55 @@ def test_where_fallocate_cannot_punch_madv_remove_frees_the_range(
         path.unlink()
 
 
+def test_an_anon_whose_fallocate_fails_frees_an_unmapped_page_by_madv_remove(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An unmap's one-call punch (``_libc.punch_hole``) failing takes the fallback, as
+    ``punch_hole`` does: the page is freed all the same (SEEK_DATA, st_blocks)."""
+    import ctypes
+    import errno
+
+    from devanon import _libc
+
+    failed: list[int] = []
+
+    def no_punch(fd: int, mode: int, offset: int, length: int) -> int:
+        failed.append(offset)
+        ctypes.set_errno(errno.EOPNOTSUPP)
+        return -1
+
+    with devanon.Anon(4 * PS) as mem:
+        kept, gone = mem.map(0, PS), mem.map(2 * PS, PS)
+        kept.view()[:] = b"k" * PS
+        gone.view()[:] = b"g" * PS
+        monkeypatch.setattr(_libc, "_fallocate", no_punch)
+        gone.close()
+        assert failed == [2 * PS, 2 * PS]  # the one call, then punch_range's
+        assert oracle.data_pages(mem.fd, 4 * PS, PS) == {0}
+        assert mem.resident_bytes() == PS
+        assert bytes(kept.view()[:1]) == b"k"
+        kept.close()
+
+
 def test_a_big_release_is_punched_128_mib_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
     """One call per range, at most 128 MiB each (what each call covers is the only thing
     the kernel does not show afterwards: the calls are watched on their way to it)."""
     from devanon import _libc
 
     calls: list[tuple[int, int]] = []
-    real = _libc.fallocate
+    real = _libc._fallocate  # (the ctypes function: every punch goes through it)
 
-    def watched(fd: int, mode: int, offset: int, length: int) -> None:
+    def watched(fd: int, mode: int, offset: int, length: int) -> int:
         calls.append((offset, length))
-        real(fd, mode, offset, length)
+        status: int = real(fd, mode, offset, length)
+        return status
 
     with devanon.Anon(1 << 30) as mem:
         whole = mem.map(0, 1 << 30)
         for offset in range(0, 1 << 30, 64 << 20):
             whole.view()[offset] = 1
         other = mem.map(0, 2 * PS)
-        monkeypatch.setattr(_libc, "fallocate", watched)
+        monkeypatch.setattr(_libc, "_fallocate", watched)
         whole.close()
         assert calls[0] == (2 * PS, 128 << 20)
         assert all(length <= 128 << 20 for _, length in calls)

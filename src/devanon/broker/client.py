@@ -751,6 +751,7 @@ class SharedAnon(Mapper):
         """Who owns the object: its creator's uid and primary gid (from OPEN's answer)."""
         self.mode = 0
         """The object's permission bits, as a file's (from OPEN's answer)."""
+        self._chores = (True,)  # _before_op looks at the connection every time
         self._init_books()
         forking.track(self)
 
