@@ -1179,12 +1179,14 @@ def _give_way(crowded: bool) -> None:
     (``devanon.broker.crowding``), so while other processes could use every CPU the loop
     dozes instead: ``_DOZE``, a timer sleep that hands the CPU to whoever waits for it.
 
-    Measured with 8 spawned clients mapping and unmapping in a loop (2 CPUs, the daemon
-    a group of its own), pairs a second: 14,700-14,800 yielding; dozing 10 us
-    15,800, 30 us 16,700-17,200, 100 us 16,100, 300 us 15,000. Forked clients:
-    21,000-21,600 yielding, 22,000-23,600 dozing 30 us. (Asked for 30 us, a doze takes
-    about 100 us on a busy machine: the timer's slack of 50 us, then the wait for the CPU;
-    measured beside 3 spinners, median 107 us.)
+    Measured in side-by-side runs (8 clients mapping and unmapping in a loop, 2 CPUs, the
+    daemon a group of its own): the daemon's CPU a pair fell by about a fifth (spawned
+    clients: 43-47 us against 51-63 yielding); the pairs a second stayed within this
+    machine's noise (spawned 15,600-16,500 against 12,600-17,700; forked 20,300-23,400
+    against 18,400-24,700): the clients spend part of what it leaves waiting for its
+    replies. Dozing 10, 100 or 300 us made no more pairs than 30. A doze asked for 30 us
+    takes about 100 us on a busy machine: the timer's slack of 50 us, then the wait for
+    the CPU (median 107 us beside 3 spinners).
     """
     if crowded:
         time.sleep(_DOZE)
