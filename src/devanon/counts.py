@@ -72,7 +72,7 @@ class MapCounts:
 
     def add(self, start: int, stop: int, n: int = 1) -> None:
         """Every page in ``[start, stop)`` gains ``n`` counts."""
-        if n < 1:
+        if not 0 <= start < stop <= self.npages or n < 1:
             self._check(start, stop, n)
         self.change(start, stop, n)
 
@@ -82,7 +82,7 @@ class MapCounts:
         The ranges come sorted, ready to be punched. Raises ValueError, and changes
         nothing, if any page in the range has fewer than ``n`` counts to lose.
         """
-        if n < 1:
+        if not 0 <= start < stop <= self.npages or n < 1:
             self._check(start, stop, n)
         return self.change(start, stop, -n)
 

@@ -315,6 +315,11 @@ def test_bad_ranges_raise(start: int, stop: int) -> None:
     for call in (counts.add, counts.remove):
         with pytest.raises(ValueError, match=rf"\[{start}, {stop}\)"):
             call(start, stop)
+        with pytest.raises(ValueError, match=rf"\[{start}, {stop}\)"):  # the range first
+            call(start, stop, None)  # type: ignore[arg-type]
+    for delta in (1, -1):
+        with pytest.raises(ValueError, match=rf"\[{start}, {stop}\)"):
+            counts.change(start, stop, delta)
     assert list(counts.runs()) == before
 
 
@@ -327,6 +332,8 @@ def test_a_change_of_less_than_one_is_refused(n: int) -> None:
     for call in (counts.add, counts.remove):
         with pytest.raises(ValueError, match=f"at least 1, not {n}"):
             call(0, 8, n)
+    with pytest.raises(ValueError, match="at least 1, not 0"):
+        counts.change(0, 8, 0)
     assert list(counts.runs()) == before
 
 

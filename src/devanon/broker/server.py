@@ -175,6 +175,7 @@ class Daemon:
         self._next_peer = 1
         self._stop = False
         self._epoll = select.epoll()
+        self._epoll_fd = self._epoll.fileno()
         self._ready: dict[int, Callable[[], None]] = {}
         """What to do when a descriptor is readable: accept, read a client, a death."""
         self._unwatched: set[int] = set()
@@ -286,16 +287,16 @@ class Daemon:
                     polls = idle < (min(spin, _CROWDED_SPIN) if crowded else spin)
                     if polls or (crowded and idle < _NAPPING and self._polled):  # never: spin 0
                         if self._polled and passes % _RING_PASSES and polls:
-                            if not served:
-                                _give_way(crowded)
+                            if not served and self._give_way(crowded):
+                                passes = -1  # a message came meanwhile: the sockets next
                             continue  # the rings first: look at the sockets now and then
                         if self._polled:
                             self._stop_polling_idle(now)
                         if not polls:
                             self.naps += 1
                         events = self._epoll.poll(0 if polls else _NAP)
-                        if not events and not served and polls:
-                            _give_way(crowded)
+                        if not events and not served and polls and self._give_way(crowded):
+                            passes = -1
                     else:
                         events = self._sleep()
                 except InterruptedError:
@@ -312,6 +313,28 @@ class Daemon:
                             self._run(fd, action)
         finally:
             self._shutdown()
+
+    def _give_way(self, crowded: bool) -> bool:
+        """A pass of the polling loop found nothing: let a process waiting for a CPU have
+        this one. ``sched_yield`` does that only within the daemon's own scheduling group
+        (``devanon.broker.crowding``), so while other processes could use every CPU the
+        loop dozes instead: it waits up to ``_DOZE`` for a message (``select`` on the
+        epoll descriptor: a socket client, a doorbell or a new connection ends the doze),
+        which hands the CPU to whoever waits for it. True if a message came.
+
+        Measured in side-by-side runs (8 clients mapping and unmapping in a loop, 2 CPUs,
+        the daemon a group of its own): the daemon's CPU a pair fell by about a fifth
+        (spawned clients: 43-47 us against 51-63 yielding); the pairs a second stayed
+        within this machine's noise (spawned 15,600-16,500 against 12,600-17,700; forked
+        20,300-23,400 against 18,400-24,700): the clients spend part of what it leaves
+        waiting for its replies. Dozing 10, 100 or 300 us made no more pairs than 30. A
+        doze asked for 30 us takes about 100 us on a busy machine: the timer's slack of
+        50 us, then the wait for the CPU (a sleep: median 107 us beside 3 spinners).
+        """
+        if not crowded:
+            os.sched_yield()
+            return False
+        return bool(select.select([self._epoll_fd], [], [], _DOZE)[0])
 
     def _sweep_uncounted(self, now: float) -> None:
         """Punch data in pages nobody counts, in every object (``SharedObject.sweep``),
@@ -1173,27 +1196,6 @@ def _pins_shown(
     }
 
 
-def _give_way(crowded: bool) -> None:
-    """A pass of the polling loop found nothing: let a process waiting for a CPU have
-    this one. ``sched_yield`` does that only within the daemon's own scheduling group
-    (``devanon.broker.crowding``), so while other processes could use every CPU the loop
-    dozes instead: ``_DOZE``, a timer sleep that hands the CPU to whoever waits for it.
-
-    Measured in side-by-side runs (8 clients mapping and unmapping in a loop, 2 CPUs, the
-    daemon a group of its own): the daemon's CPU a pair fell by about a fifth (spawned
-    clients: 43-47 us against 51-63 yielding); the pairs a second stayed within this
-    machine's noise (spawned 15,600-16,500 against 12,600-17,700; forked 20,300-23,400
-    against 18,400-24,700): the clients spend part of what it leaves waiting for its
-    replies. Dozing 10, 100 or 300 us made no more pairs than 30. A doze asked for 30 us
-    takes about 100 us on a busy machine: the timer's slack of 50 us, then the wait for
-    the CPU (median 107 us beside 3 spinners).
-    """
-    if crowded:
-        time.sleep(_DOZE)
-    else:
-        os.sched_yield()
-
-
 def _group_id(group: str) -> int:
     """The gid of the socket's group; ValueError naming it if there is none."""
     try:
@@ -1355,7 +1357,8 @@ _CROWDED_SPIN = 100e-6
 come closer together (8 clients mapping and unmapping in a loop) keep it polling, as
 when it is not crowded; sparser ones (clients that compute between maps) let it nap."""
 _DOZE = 30e-6
-"""What a crowded polling loop sleeps when a pass finds nothing (``_give_way``)."""
+"""How long a crowded polling loop waits for a message when a pass finds nothing
+(``_give_way``)."""
 _NAP = 0.001
 """One nap of a crowded loop between looks at the rings (epoll's resolution)."""
 _NAPPING = 0.02
