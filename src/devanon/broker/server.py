@@ -322,14 +322,16 @@ class Daemon:
         epoll descriptor: a socket client, a doorbell or a new connection ends the doze),
         which hands the CPU to whoever waits for it. True if a message came.
 
-        Measured in side-by-side runs (8 clients mapping and unmapping in a loop, 2 CPUs,
-        the daemon a group of its own): the daemon's CPU a pair fell by about a fifth
-        (spawned clients: 43-47 us against 51-63 yielding); the pairs a second stayed
-        within this machine's noise (spawned 15,600-16,500 against 12,600-17,700; forked
-        20,300-23,400 against 18,400-24,700): the clients spend part of what it leaves
-        waiting for its replies. Dozing 10, 100 or 300 us made no more pairs than 30. A
+        Measured in side-by-side runs (2 CPUs, the daemon a group of its own). 8 spawned
+        clients that compute ~140 us before each pair made more iterations in 4 pairs of
+        runs of 5 (5,800-7,200 against 5,700-6,300; the fifth 5,100 against 6,100). 8
+        clients mapping and unmapping in a loop: the daemon's CPU a pair fell by about a
+        fifth (spawned: 43-49 us against 51-63), the pairs stayed within this machine's
+        noise (spawned 14,500-16,500 against 12,600-17,700; forked 20,300-23,400 against
+        18,400-24,700): those clients spend what it leaves waiting for its replies.
+        Dozing 10, 100 or 300 us made no more pairs than 30. A
         doze asked for 30 us takes about 100 us on a busy machine: the timer's slack of
-        50 us, then the wait for the CPU (a sleep: median 107 us beside 3 spinners).
+        50 us, then the wait for the CPU (median 99 us beside 3 spinners).
         """
         if not crowded:
             os.sched_yield()
