@@ -72,7 +72,7 @@ class MapCounts:
 
     def add(self, start: int, stop: int, n: int = 1) -> None:
         """Every page in ``[start, stop)`` gains ``n`` counts."""
-        if not 0 <= start < stop <= self.npages or n < 1:
+        if type(n) is not int or n < 1:  # (the range: change)
             self._check(start, stop, n)
         self.change(start, stop, n)
 
@@ -82,7 +82,7 @@ class MapCounts:
         The ranges come sorted, ready to be punched. Raises ValueError, and changes
         nothing, if any page in the range has fewer than ``n`` counts to lose.
         """
-        if not 0 <= start < stop <= self.npages or n < 1:
+        if type(n) is not int or n < 1:  # (the range: change)
             self._check(start, stop, n)
         return self.change(start, stop, -n)
 
@@ -92,7 +92,11 @@ class MapCounts:
         inside one run or is one, is done here without a further call (each call costs a
         measurable share of a 4 KiB map)."""
         starts, counts = self._starts, self._counts
-        if not (0 <= start < stop <= self.npages and delta):
+        if not (
+            type(start) is type(stop) is type(delta) is int
+            and 0 <= start < stop <= self.npages
+            and delta
+        ):
             return self._change_spanning(start, stop, delta)  # which says what is wrong
         k = bisect_right(starts, start) - 1
         nxt = k + 1
@@ -128,7 +132,7 @@ class MapCounts:
     def _change_spanning(self, start: int, stop: int, delta: int) -> list[PageRange]:
         """``change`` of a range that spans runs or touches a dense chunk (or of a wrong
         one: ``_check`` names it)."""
-        self._check(start, stop, abs(delta))
+        self._check(start, stop, delta if type(delta) is not int else abs(delta))
         before = len(self._starts)
         if self._dense:
             zeros = self._apply_mixed(start, stop, delta)
@@ -278,10 +282,18 @@ class MapCounts:
         )
 
     def _check(self, start: int, stop: int, n: int = 1) -> None:
+        """Raise for a wrong range or count, naming it (before anything changes: an array
+        takes no other number than an int, so a float found there would stop a change
+        half made)."""
+        for page in (start, stop):
+            if type(page) is not int:
+                raise TypeError(f"a page index is an int, not {page!r}")
         if not (0 <= start < stop <= self.npages):
             raise ValueError(
                 f"page range [{start}, {stop}) is not a non-empty range within [0, {self.npages})"
             )
+        if type(n) is not int:
+            raise TypeError(f"a count changes by an int, not {n!r}")
         if n < 1:
             raise ValueError(f"a count changes by at least 1, not {n!r}")
 

@@ -400,3 +400,27 @@ def test_a_refused_remove_in_a_dense_chunk_names_the_page() -> None:
         counts.remove(2, 4)
     with pytest.raises(ValueError, match=r"^page 15 is not mapped 1 times"):
         counts.remove(14, 20)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [((2, 5, 1.5), "1.5"), ((2.5, 5, 1), "2.5"), ((2, 5.0, 1), "5.0"), ((2, 5, True), "True")],
+)
+def test_a_number_not_an_int_is_refused_before_anything_changes(
+    args: tuple[object, object, object], named: str
+) -> None:
+    """An array takes no float: found half way through a change, it stopped it half made."""
+    counts = MapCounts(10)
+    counts.add(0, 10)
+    counts.add(3, 4)
+    before = list(counts.runs())
+    start, stop, n = args
+    calls = [
+        lambda: counts.add(start, stop, n),  # type: ignore[arg-type]
+        lambda: counts.remove(start, stop, n),  # type: ignore[arg-type]
+        lambda: counts.change(start, stop, n),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        with pytest.raises(TypeError, match=named):
+            call()
+        assert list(counts.runs()) == before
