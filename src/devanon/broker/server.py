@@ -268,9 +268,9 @@ class Daemon:
         While other processes could use every CPU (``devanon.broker.crowding``) polling
         would take a CPU from them, its clients among them: then a pass that finds nothing
         dozes (``_give_way``), the loop polls for at most ``_CROWDED_SPIN`` after a
-        request, and after that naps (``_NAP`` at a time, waking
-        for any message) and looks at the rings it polls between naps, for up to
-        ``_NAPPING``, before it sleeps until a client rings the doorbell."""
+        request, and after that naps (``_NAP`` at a time, waking for any message) and
+        looks at the rings it polls between naps, for up to ``_NAPPING``, before it sleeps
+        until a client rings the doorbell."""
         spin, last, passes = self.spin, 0.0, 0
         try:
             while not self._stop:
@@ -329,9 +329,9 @@ class Daemon:
         fifth (spawned: 43-49 us against 51-63), the pairs stayed within this machine's
         noise (spawned 14,500-16,500 against 12,600-17,700; forked 20,300-23,400 against
         18,400-24,700): those clients spend what it leaves waiting for its replies.
-        Dozing 10, 100 or 300 us made no more pairs than 30. A
-        doze asked for 30 us takes about 100 us on a busy machine: the timer's slack of
-        50 us, then the wait for the CPU (median 99 us beside 3 spinners).
+        Dozing 10, 100 or 300 us made no more pairs than 30. A doze asked for 30 us takes
+        about 100 us on a busy machine: the timer's slack of 50 us, then the wait for the
+        CPU (median 99 us beside 3 spinners).
         """
         if not crowded:
             os.sched_yield()
