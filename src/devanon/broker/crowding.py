@@ -16,11 +16,11 @@ So the daemon looks at how many tasks the kernel has runnable (``/proc/loadavg``
 the others alone could fill every CPU it may use, it dozes on a look that finds nothing
 (up to 30 us, ended by any message: ``Daemon._give_way``), polls only briefly after a
 request and naps in between (``Daemon.serve_forever``); after a while of nothing it
-sleeps, and the clients ring the doorbell (``Op.WAKE``). The price is latency: a request that comes
-while the daemon naps waits for the end of the nap (up to 1 ms). The run queue is the whole
-machine's against the CPUs the daemon may run on (its affinity), so a daemon pinned to one
-CPU, or in a container that shares the host's ``/proc/loadavg``, naps sooner (slower,
-never wrong), and a CPU quota (cgroup ``cpu.max``) is not seen.
+sleeps, and the clients ring the doorbell (``Op.WAKE``). The price is latency: a request
+that comes while the daemon naps waits for the end of the nap (up to 1 ms). The run queue
+is the whole machine's against the CPUs the daemon may run on (its affinity), so a daemon
+pinned to one CPU, or in a container that shares the host's ``/proc/loadavg``, naps sooner
+(slower, never wrong), and a CPU quota (cgroup ``cpu.max``) is not seen.
 """
 
 from __future__ import annotations
