@@ -438,13 +438,13 @@ class Mapper(ABC):
                                 "or pass writable=True, or under_writable_views=True if "
                                 "nothing writes there"
                             )
-                try:
-                    _libc.mmap(
-                        address, length, prot, _libc.MAP_PRIVATE | _libc.MAP_FIXED, fd, file_offset
-                    )
-                except OSError as e:
-                    raise _checks.max_map_count_hint(e) from None
                 overlay = Overlay(self, address, label, file_offset, length, bool(writable))
+                # The books first: an interrupt (a signal handler's exception) after the mmap
+                # and before them would leave them saying that our own pages lie where a
+                # read-only file does (a view then writable: a write, SIGSEGV). Before the
+                # mmap, they say an overlay lies on our pages: views read-only, counts kept
+                # (an over-count, never a page freed under a mapping).
+                before = [(seg, seg.overlay, seg.forkmark) for seg in pieces]
                 lost: list[PageRange] = []
                 for seg in pieces:
                     seg.forkmark = False  # a new VMA
@@ -457,6 +457,13 @@ class Mapper(ABC):
                     seg.overlay = overlay
                     overlay._pieces += 1
                 self._overlays.add(overlay)
+                try:
+                    _libc.mmap(
+                        address, length, prot, _libc.MAP_PRIVATE | _libc.MAP_FIXED, fd, file_offset
+                    )
+                except OSError as e:  # not an interrupt: nothing was laid
+                    self._unlay(overlay, before)
+                    raise _checks.max_map_count_hint(e) from None
                 self._lose(lost)
                 return overlay
         finally:
@@ -556,6 +563,16 @@ class Mapper(ABC):
     def _discard_overlay(self, overlay: Overlay) -> None:
         if overlay._pieces == 0:
             self._overlays.discard(overlay)
+
+    def _unlay(self, overlay: Overlay, before: list[tuple[_Segment, Overlay | None, bool]]) -> None:
+        """Put the books back as they were before ``overlay``, whose mmap failed."""
+        self._overlays.discard(overlay)
+        overlay._pieces = 0
+        for seg, old, forkmark in before:
+            seg.overlay, seg.forkmark = old, forkmark
+            if old is not None:
+                old._pieces += 1
+                self._overlays.add(old)
 
     def _unmap_spans(self, spans: list[tuple[int, int]]) -> None:
         """Unmap owned ``spans``, refused before any call if it takes more than one and

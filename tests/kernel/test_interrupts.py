@@ -33,14 +33,23 @@ PS = 4096
 
 def _lines_after_calls(code: CodeType) -> list[int]:
     """The lines of ``code`` whose start a signal handler can reach: each that follows
-    (in bytecode order) a line that calls something."""
-    lines: list[tuple[int, bool]] = []  # (line, it calls), in bytecode order
+    (in bytecode order) a line that calls something.
+
+    A ``try:`` line is a NOP that no entry of the exception table covers (3.11): an
+    exception raised there by the trace would skip the ``with`` around it, which a
+    handler's cannot (it comes from the call before, which the table covers). The line
+    after it stands in for it."""
+    lines: list[tuple[int, bool, bool]] = []  # (line, it calls, it is a NOP), in order
     for ins in dis.get_instructions(code):
         if ins.starts_line is not None:
-            lines.append((ins.starts_line, False))
+            lines.append((ins.starts_line, False, ins.opname == "NOP"))
         if lines and ins.opname.startswith(("CALL", "PRECALL")):
-            lines[-1] = (lines[-1][0], True)
-    return sorted({line for (_, calls), (line, _) in itertools.pairwise(lines) if calls})
+            lines[-1] = (lines[-1][0], True, lines[-1][2])
+    reached = set()
+    for k, ((_, calls, _), (line, _, nop)) in enumerate(itertools.pairwise(lines)):
+        if calls:
+            reached.add(lines[k + 2][0] if nop and k + 2 < len(lines) else line)
+    return sorted(reached)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,121 @@
+"""Interrupts (a signal handler's exception) in overlays and in unmaps of several pieces:
+as ``test_interrupts`` does for the hot paths, at every line a handler can reach."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable
+from pathlib import Path
+from types import CodeType
+from typing import Any
+
+import oracle
+import pytest
+from test_interrupts import _closes, _interrupt_at, _lines_after_calls
+
+import devanon
+from devanon import anon as anon_module
+from devanon import mapper
+
+PS = 4096
+OVERLAY_FILE = Path("/dev/shm") / f"devanon-intr-overlay-{os.getpid()}"
+
+
+def _books_true(anon: devanon.Anon, overlay_ident: tuple[int, int, int]) -> None:
+    """Every range the books say is ours is a mapping of our file: else a view of it would
+    be writable where a read-only file lies (SIGSEGV), or an unmap would take what the
+    kernel put there since. A range they say an overlay lies on may be the file's or
+    still ours (interrupted before the mmap: views read-only, its count kept)."""
+    own = oracle.maps_entries(oracle.file_id(anon.fd))
+    laid = oracle.maps_entries(overlay_ident)
+    for seg in anon._segments:
+        vmas = own if seg.overlay is None else own + laid
+        assert any(start <= seg.start and seg.stop <= end for start, end, _ in vmas), seg
+
+
+def _scenario(anon: devanon.Anon, path: Path) -> None:
+    """An overlay laid and released; another laid, then unmapped with its neighbours in one
+    unmap of several pieces; the rest closed."""
+    m = anon.map(4 * PS, 6 * PS)
+    ctypes.memset(m.address, 2, 6 * PS)
+    anon.overlay(m.address + PS, path, 0, PS).release()
+    anon.overlay(m.address + 3 * PS, path, PS, PS)
+    anon.unmap(m.address + 2 * PS, 3 * PS)  # a plain page, the overlay, a plain page
+    m.close()
+
+
+FUNCTIONS = (
+    mapper.Mapper.overlay,
+    mapper.Mapper._release_overlay,
+    mapper.Mapper.unmap,
+    mapper.Mapper._unmap_spans,
+    mapper.Mapper._calls,
+    mapper.Mapper._make_calls,
+    mapper.Mapper._forget,
+    mapper.Mapper._cut,
+    mapper.Mapper._insert,
+    mapper.Mapper._discard_overlay,
+    mapper.Mapper._unlay,
+    mapper.Mapper._close_mapping,
+    anon_module.Anon._lose,
+    anon_module.Anon._punch,
+)
+
+
+def _targets() -> list[tuple[str, CodeType, int]]:
+    import sys
+
+    codes = {f.__code__ for f in FUNCTIONS}
+    ran: set[tuple[CodeType, int]] = set()
+
+    def local(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
+        if event == "line":
+            ran.add((frame.f_code, frame.f_lineno))
+        return local
+
+    def tracer(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
+        return local if frame.f_code in codes else None
+
+    OVERLAY_FILE.write_bytes(b"o" * 2 * PS)
+    anon = devanon.Anon(16 * PS)
+    try:
+        sys.settrace(tracer)
+        try:
+            _scenario(anon, OVERLAY_FILE)
+        finally:
+            sys.settrace(None)
+    finally:
+        anon.close()
+    return [
+        (code.co_name, code, line)
+        for code in sorted(codes, key=lambda c: c.co_firstlineno)
+        for line in _lines_after_calls(code)
+        if (code, line) in ran
+    ]
+
+
+@pytest.mark.parametrize(("name", "code", "line"), _targets())
+def test_an_interrupt_in_an_overlay_or_a_pieced_unmap_leaves_the_books_true(
+    name: str, code: CodeType, line: int
+) -> None:
+    OVERLAY_FILE.write_bytes(b"o" * 2 * PS)
+    with open(OVERLAY_FILE, "rb") as f:
+        ident = oracle.file_id(f.fileno())
+    anon = devanon.Anon(16 * PS)
+    try:
+        keep = anon.map(0, PS)
+        ctypes.memset(keep.address, 1, 1)
+        with _interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
+            _scenario(anon, OVERLAY_FILE)
+        assert fired[0]
+        _books_true(anon, ident)
+        assert ctypes.string_at(keep.address, 1) == b"\x01"
+        for _ in range(3):
+            with contextlib.suppress(ValueError):  # (what the books no longer hold)
+                _scenario(anon, OVERLAY_FILE)
+            _books_true(anon, ident)
+            assert [seg.start for seg in anon._segments] == anon._starts
+    finally:
+        _closes(anon)
