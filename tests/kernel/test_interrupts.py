@@ -17,7 +17,7 @@ import dis
 import itertools
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any
 
@@ -87,9 +87,9 @@ def _closes(anon: devanon.Anon) -> None:
     assert not done.is_alive(), "close() did not end"
 
 
-def _targets(viewed: bool, *functions: Callable[..., Any]) -> list[tuple[Any, ...]]:
-    """``(name, code, line, viewed)`` for each line of these functions that a signal
-    handler can reach and that the scenario runs (it is run once to see, traced)."""
+def _reached(run: Callable[[], None], functions: Iterable[Callable[..., Any]]) -> list[Any]:
+    """``(name, code, line)`` for each line of these functions that a signal handler can
+    reach and that ``run`` runs (it is run once to see, traced)."""
     codes = {f.__code__ for f in functions}
     ran: set[tuple[CodeType, int]] = set()
 
@@ -101,21 +101,28 @@ def _targets(viewed: bool, *functions: Callable[..., Any]) -> list[tuple[Any, ..
     def tracer(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
         return local if frame.f_code in codes else None
 
-    anon = devanon.Anon(64 * PS)
+    sys.settrace(tracer)
     try:
-        sys.settrace(tracer)
-        try:
-            _scenario(anon, viewed)
-        finally:
-            sys.settrace(None)
+        run()
     finally:
-        anon.close()
+        sys.settrace(None)
     return [
-        (code.co_name, code, line, viewed)
+        (code.co_name, code, line)
         for code in sorted(codes, key=lambda c: c.co_firstlineno)
         for line in _lines_after_calls(code)
         if (code, line) in ran
     ]
+
+
+def _targets(viewed: bool, *functions: Callable[..., Any]) -> list[tuple[Any, ...]]:
+    """``(name, code, line, viewed)`` for each line of these functions that a signal
+    handler can reach and that the scenario runs."""
+    anon = devanon.Anon(64 * PS)
+    try:
+        reached = _reached(lambda: _scenario(anon, viewed), functions)
+    finally:
+        anon.close()
+    return [(*target, viewed) for target in reached]
 
 
 HOT = (

@@ -6,14 +6,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from collections.abc import Callable
 from pathlib import Path
 from types import CodeType
-from typing import Any
 
 import oracle
 import pytest
-from test_interrupts import _closes, _interrupt_at, _lines_after_calls
+from test_interrupts import _closes, _interrupt_at, _reached
 
 import devanon
 from devanon import anon as anon_module
@@ -65,35 +63,12 @@ FUNCTIONS = (
 
 
 def _targets() -> list[tuple[str, CodeType, int]]:
-    import sys
-
-    codes = {f.__code__ for f in FUNCTIONS}
-    ran: set[tuple[CodeType, int]] = set()
-
-    def local(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
-        if event == "line":
-            ran.add((frame.f_code, frame.f_lineno))
-        return local
-
-    def tracer(frame: Any, event: str, arg: Any) -> Callable[..., Any] | None:
-        return local if frame.f_code in codes else None
-
     OVERLAY_FILE.write_bytes(b"o" * 2 * PS)
     anon = devanon.Anon(16 * PS)
     try:
-        sys.settrace(tracer)
-        try:
-            _scenario(anon, OVERLAY_FILE)
-        finally:
-            sys.settrace(None)
+        return _reached(lambda: _scenario(anon, OVERLAY_FILE), FUNCTIONS)
     finally:
         anon.close()
-    return [
-        (code.co_name, code, line)
-        for code in sorted(codes, key=lambda c: c.co_firstlineno)
-        for line in _lines_after_calls(code)
-        if (code, line) in ran
-    ]
 
 
 @pytest.mark.parametrize(("name", "code", "line"), _targets())
