@@ -28,7 +28,9 @@ is done (its mapping would reach the child uncounted).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
+import operator
 import os
 import threading
 import weakref
@@ -111,6 +113,7 @@ log = logging.getLogger("devanon")
 
 _live: weakref.WeakSet[Forkable] = weakref.WeakSet()
 _held: list[tuple[Forkable, tuple[int, int] | None]] = []
+_ACQUIRE = operator.methodcaller("acquire")
 _lifelines: list[int] = []
 """In a child: the write ends that tell each ancestor's objects we are alive."""
 
@@ -153,17 +156,18 @@ def _before() -> None:
         return
     _fork_lock.acquire()
     _owner, _depth = me, 1
-    taken: set[int] = set()
     while True:
         with _track_lock:
+            taken = {id(obj) for obj, _ in _held}
             new = [obj for obj in _live if id(obj) not in taken]
             if not new:
                 _forker = me
                 return
         for obj in new:  # another thread may make objects while we take these locks
-            obj._lock.acquire()
-            taken.add(id(obj))
-            _held.append((obj, None))  # from now on the after-fork hooks release it
+            # Take the lock and list the object for the after-fork hooks, which release
+            # it, in C calls only: a signal handler's exception (which does not stop the
+            # fork) comes before both or after both, never between.
+            _held.extend(itertools.compress([(obj, None)], map(_ACQUIRE, [obj._lock])))
             if not obj.closed:
                 try:
                     lifeline, keeper = os.pipe2(os.O_CLOEXEC)
@@ -211,12 +215,22 @@ def _after_in_parent() -> None:
 def _after_in_child() -> None:
     global _track_lock, _track_cond, _fork_lock, _owner, _forker, _depth
     views.renew_locks_after_fork()
-    if _owner == threading.get_ident() and _depth > 1:
+    me = threading.get_ident()
+    # Whether the before-fork hook prepared every object. A signal handler's exception
+    # can stop it part way, or before it starts, and CPython forks all the same (it
+    # reports a hook's exception): the objects it did not reach were not pinned, and
+    # this child must not punch their pages as if it were the parent.
+    prepared_all = _forker == me
+    if _owner == me and _depth > 1:
         _nested_child()
     if not _done_forking():
+        if _owner != me and not prepared_all:  # our hook never took the fork lock
+            _nested_child()
         return
+    done: set[int] = set()
     while _held:
         obj, pipe = _held.pop()
+        done.add(id(obj))
         pinned = False
         try:
             if pipe is not None:
@@ -234,17 +248,23 @@ def _after_in_child() -> None:
                     with contextlib.suppress(OSError):  # what was pinned goes now
                         os.close(pipe[1])
             obj._lock.release()
+    if not prepared_all:
+        _nested_child(skip=done)
     _track_lock = threading.RLock()  # another thread may have held these at fork
     _track_cond = threading.Condition(_track_lock)
     _fork_lock = threading.RLock()
     _owner, _forker, _depth = None, None, 0
 
 
-def _nested_child() -> None:
-    """In a child forked by a signal handler while another fork's hooks ran: nothing was
-    pinned for it, so every object drops its copies and knows it is a child (it would
-    otherwise punch what its parent maps). Only this thread is left: no lock is taken."""
+def _nested_child(skip: set[int] | None = None) -> None:
+    """In a child forked by a signal handler while another fork's hooks ran, or whose
+    before-fork hook a handler's exception stopped: nothing was pinned for it, so every
+    object (but those in ``skip``, by id: done already) drops its copies and knows it is
+    a child (it would otherwise punch what its parent maps). Only this thread is left: no
+    lock is taken."""
     for obj in list(_live):
+        if skip and id(obj) in skip:
+            continue
         try:
             if not obj.closed:
                 obj._fork_child(pinned=False)
