@@ -201,8 +201,8 @@ def _after_in_parent() -> None:
                 os.close(pipe[1])
                 os.set_blocking(pipe[0], False)
                 obj._forked(pipe[0])
-        except Exception:
-            log.exception("after fork, in the parent: %r", obj)
+        except BaseException:  # a signal handler's too: the fork reports it and goes on,
+            log.exception("after fork, in the parent: %r", obj)  # so the rest must too
         finally:
             obj._lock.release()
     with _track_cond:
@@ -214,6 +214,23 @@ def _after_in_parent() -> None:
 
 def _after_in_child() -> None:
     global _track_lock, _track_cond, _fork_lock, _owner, _forker, _depth
+    done: list[int] = []  # (a list: made without a call, where a handler could come)
+    """The objects that know they are a child's (by id)."""
+    try:
+        _child_objects(done)
+    except BaseException:  # a signal handler's (the fork reports it and goes on): the
+        _nested_child(skip=done)  # objects not done yet get no copies, as a nested child's
+        log.exception("after fork, in the child")
+    finally:
+        _track_lock = threading.RLock()  # another thread may have held these at fork
+        _track_cond = threading.Condition(_track_lock)
+        _fork_lock = threading.RLock()
+        _owner, _forker, _depth = None, None, 0
+
+
+def _child_objects(done: list[int]) -> None:
+    """The child's share of ``_after_in_child``: each object learns it is a child's, and
+    keeps what was pinned for it (adding each to ``done``)."""
     views.renew_locks_after_fork()
     me = threading.get_ident()
     # Whether the before-fork hook prepared every object. A signal handler's exception
@@ -227,17 +244,18 @@ def _after_in_child() -> None:
         if _owner != me and not prepared_all:  # our hook never took the fork lock
             _nested_child()
         return
-    done: set[int] = set()
+    failed = False
     while _held:
         obj, pipe = _held.pop()
-        done.add(id(obj))
         pinned = False
         try:
             if pipe is not None:
                 os.close(pipe[0])
             if not obj.closed:
                 pinned = obj._fork_child(pinned=pipe is not None)
-        except Exception:
+            done.append(id(obj))
+        except BaseException:  # a signal handler's too: the rest must be done all the same
+            failed = True  # (it may have stopped before the object knew it is a child)
             pinned = pipe is not None  # keep what may be pinned: the safe side
             log.exception("after fork, in the child: %r", obj)
         finally:
@@ -248,15 +266,11 @@ def _after_in_child() -> None:
                     with contextlib.suppress(OSError):  # what was pinned goes now
                         os.close(pipe[1])
             obj._lock.release()
-    if not prepared_all:
+    if failed or not prepared_all:
         _nested_child(skip=done)
-    _track_lock = threading.RLock()  # another thread may have held these at fork
-    _track_cond = threading.Condition(_track_lock)
-    _fork_lock = threading.RLock()
-    _owner, _forker, _depth = None, None, 0
 
 
-def _nested_child(skip: set[int] | None = None) -> None:
+def _nested_child(skip: list[int] | None = None) -> None:
     """In a child forked by a signal handler while another fork's hooks ran, or whose
     before-fork hook a handler's exception stopped: nothing was pinned for it, so every
     object (but those in ``skip``, by id: done already) drops its copies and knows it is
