@@ -222,6 +222,13 @@ def _after_in_child() -> None:
         _nested_child(skip=done)  # objects not done yet get no copies, as a nested child's
         log.exception("after fork, in the child")
     finally:
+        while _held:  # stopped part way: what is left is let go all the same
+            obj, pipe = _held.pop()
+            for fd in pipe or ():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(RuntimeError):
+                obj._lock.release()
         _track_lock = threading.RLock()  # another thread may have held these at fork
         _track_cond = threading.Condition(_track_lock)
         _fork_lock = threading.RLock()
