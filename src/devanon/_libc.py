@@ -122,14 +122,15 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise _fail(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
 
 
-_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+"""fallocate(2)'s mode that frees a range and keeps the file's size: a punch."""
 
 
 def punch_hole(fd: int, offset: int, length: int) -> int:
-    """fallocate(2) with PUNCH_HOLE | KEEP_SIZE: 0, or -1 where it failed (no exception:
-    the caller, an unmap's hot path, then takes ``devanon.punch.punch_range``, which
-    tries again and explains, or falls back)."""
-    status: int = _fallocate(fd, _PUNCH_HOLE, offset, length)
+    """fallocate(2) with ``PUNCH_HOLE``: 0, or -1 where it failed (no exception: the
+    caller, an unmap's hot path, then takes ``devanon.punch.punch_range``, which tries
+    again and explains, or falls back)."""
+    status: int = _fallocate(fd, PUNCH_HOLE, offset, length)
     return status
 
 

@@ -23,7 +23,6 @@ PUNCH_BATCH = 128 << 20
 """The most one fallocate call punches."""
 
 _NOT_SUPPORTED = (errno.EOPNOTSUPP, errno.ENOSYS, errno.ENOTTY)
-_PUNCH = _libc.FALLOC_FL_PUNCH_HOLE | _libc.FALLOC_FL_KEEP_SIZE
 
 
 @dataclass(slots=True, frozen=True)
@@ -126,7 +125,7 @@ def punch_range(fd: int, offset: int, length: int, name: str = "") -> int:
     while True:  # the common case (up to PUNCH_BATCH) goes round once
         step = min(PUNCH_BATCH, end - offset)
         try:
-            _libc.fallocate(fd, _PUNCH, offset, step)
+            _libc.fallocate(fd, _libc.PUNCH_HOLE, offset, step)
         except OSError as e:
             if e.errno not in _NOT_SUPPORTED:
                 raise

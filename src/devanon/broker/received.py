@@ -42,11 +42,7 @@ class Closer:
     def close(self, fds: Iterable[int]) -> None:
         """Close these, now or soon; never waits."""
         for fd in fds:
-            try:
-                kind = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                kind = ""
-            if kind.startswith("pipe:["):
+            if _is_pipe(fd):
                 with contextlib.suppress(OSError):
                     os.close(fd)
                 continue
@@ -80,14 +76,19 @@ def check_lifeline(fd: int) -> None:
     opened never polls readable either: the kernel reports its EOF only once a writer came.
     Anything else is refused by its name alone: an ``fstat`` of a FUSE file can wait on its
     server for ever."""
-    try:
-        name = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        name = ""
-    if not name.startswith("pipe:["):  # a named FIFO shows its path
+    if not _is_pipe(fd):  # a named FIFO shows its path
         raise wire.ProtocolError("a PIN's lifeline is the read end of a pipe (not a named FIFO)")
     if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE != os.O_RDONLY:
         raise wire.ProtocolError(
             "a PIN's lifeline is a pipe's read end open read-only: open for writing, it "
             "would never read EOF"
         )
+
+
+def _is_pipe(fd: int) -> bool:
+    """Whether ``fd`` is a pipe (os.pipe), by its ``/proc/self/fd`` name alone: that asks
+    no file system, where an ``fstat`` of a FUSE file can wait on its server for ever."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:[")
+    except OSError:
+        return False
