@@ -135,6 +135,9 @@ class Client:
         out: ``seq -> (handle, offset, length)``. A yes to one is given back (UNMAP)."""
         self.generation = 0
         """Bumped on every (re)connection: handles belong to one connection."""
+        self.chores: list[bool] = []
+        """Non-empty in a forked child (for good): every object's ``_before_op`` then
+        checks whether it is this connection's (the objects' ``_chores``)."""
         self.gone = False
         """True once the connection was found broken (the daemon stopped, say): it stays
         so (a new daemon does not know its handles); ``connect`` makes a new one."""
@@ -176,6 +179,7 @@ class Client:
         self._sock.close()
         self._drop_ring()  # the parent's: ours comes with our own connection
         self._pid = -1
+        self.chores.append(True)  # the objects opened before the fork: opened again
 
     # -- requests --------------------------------------------------------------------------
 
@@ -234,7 +238,12 @@ class Client:
         """
         with self._lock:
             seq = self._next_seq()
-            via_ring = self._send_map(seq, handle, offset, length)
+            self._pending.add(seq)  # (_send_map, written out: the hot path)
+            try:
+                via_ring = self._send_one(wire.Op.MAP, 0, seq, handle, offset, length)
+            except BaseException:
+                self._pending.discard(seq)
+                raise
             try:
                 address = mmap(length, prot, offset)
             except OSError:
@@ -751,7 +760,7 @@ class SharedAnon(Mapper):
         """Who owns the object: its creator's uid and primary gid (from OPEN's answer)."""
         self.mode = 0
         """The object's permission bits, as a file's (from OPEN's answer)."""
-        self._chores = (True,)  # _before_op looks at the connection every time
+        self._chores = client.chores  # (one list, changed in place)
         self._init_books()
         forking.track(self)
 

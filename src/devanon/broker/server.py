@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 from devanon.broker import protocol as wire
@@ -409,12 +408,19 @@ class Daemon:
         self._serve_each(_with_requests(self._ring_peers.values()))
 
     def _serve_each(self, peers: list[Peer]) -> None:
-        """Serve these peers' rings (the lock is held), each under ``_run``'s safety net."""
+        """Serve these peers' rings (the lock is held), each under ``_run``'s safety net
+        (written out here: the hot path)."""
         now = time.monotonic()
         for peer in peers:
             if peer.ring is not None:  # not cut off meanwhile
                 peer.ring_used = now
-                self._run(peer.sock.fileno(), partial(self._serve_ring, peer))
+                try:
+                    self._serve_ring(peer)
+                except Exception:
+                    log.exception("serving client %d's ring (pid %d) failed", peer.id, peer.pid)
+                    if self.peers.get(peer.id) is peer:
+                        with contextlib.suppress(Exception):
+                            self._disconnect(peer)
 
     def _serve_ring(self, peer: Peer) -> None:
         """Handle the requests in a peer's ring, in order (the lock is held)."""
