@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import operator
 import os
 import stat
 from collections.abc import Iterator
 
 
 def integer(label: str, value: object) -> int:
-    """``value`` as an int; TypeError for anything else (bool included)."""
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{label} must be an int, not {type(value).__name__} {value!r}")
-    return value
+    """``value`` as an int: an int, or an integer of another type (one with ``__index__``,
+    such as a NumPy integer), as ``os`` and ``mmap`` take them; TypeError for anything
+    else (a bool, a float, a string)."""
+    if type(value) is int:
+        return value
+    if not isinstance(value, bool):
+        with contextlib.suppress(TypeError):
+            return operator.index(value)  # type: ignore[arg-type]
+    raise TypeError(f"{label} must be an int, not {type(value).__name__} {value!r}")
 
 
 def flag(label: str, value: object) -> bool:

@@ -1208,9 +1208,37 @@ def test_client_side_bad_input(daemon: Served) -> None:
         with pytest.raises(ValueError, match="past the end"):
             obj.map(0, 8 * PS)
         assert client.stat("ok")[0]["mapped_bytes"] == 0
+        for bad, exc, text in [
+            (-PS, ValueError, hex(-PS)),
+            (4 * PS, ValueError, hex(4 * PS)),
+            (1.0, TypeError, "1.0"),
+            (True, TypeError, "True"),
+        ]:
+            with pytest.raises(exc, match=re.escape(text)):
+                obj.map_count(bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="'big'"):
+            client.open("typed", "big", create=True)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"0\.5"):
+            client.open("typed", PS, create=True, mode=0.5)  # type: ignore[arg-type]
+        assert client.stat("ok")[0]["mapped_bytes"] == 0 and obj.map_count(0) == 0
         obj.close()
         with pytest.raises(ValueError, match="closed"):
             obj.map(0, PS)
+
+
+def test_numpy_integers_are_taken_as_ints_by_shared_objects(daemon: Served) -> None:
+    """Sizes, modes and offsets computed with NumPy work as ints (``__index__``), as for
+    ``Anon``; the counts are the kernel's."""
+    np = pytest.importorskip("numpy")
+    with connect(daemon.socket) as client:
+        obj = client.open("np", np.int64(4 * PS), create=True, mode=np.int32(0o600))
+        m = obj.map(np.int64(PS), np.uint32(2 * PS))
+        assert obj.mode == 0o600 and obj.size == 4 * PS
+        assert [obj.map_count(np.int64(p * PS)) for p in range(4)] == [0, 1, 1, 0]
+        assert client.verify("np") == []
+        m.close()
+        obj.close()
+        client.unlink("np")
 
 
 def test_socket_mode_and_errno_of_refusals(daemon: Served) -> None:

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import oracle
 import pytest
 
@@ -132,6 +133,14 @@ CASES: list[tuple[str, Callable[[World], object], type[Exception], str]] = [
     ),
     ("map_count past the end", lambda w: w.mem.map_count(SIZE), ValueError, hex(SIZE)),
     ("map_count a float", lambda w: w.mem.map_count(1.0), TypeError, "1.0"),  # type: ignore[arg-type]
+    ("map offset a NumPy bool", lambda w: w.mem.map(np.False_, PS), TypeError, "False"),  # type: ignore[arg-type]
+    ("map length a NumPy float", lambda w: w.mem.map(0, np.float64(PS)), TypeError, "4096.0"),  # type: ignore[arg-type]
+    (
+        "unmap length an array",
+        lambda w: w.mem.unmap(w.a.address, np.array([PS])),
+        TypeError,
+        "[4096]",
+    ),  # type: ignore[arg-type]
     ("punch negative", lambda w: devanon.punch_hole(w.image, -1, PS), ValueError, "-1"),
     ("punch zero length", lambda w: devanon.punch_hole(w.image, 0, 0), ValueError, "0"),
     (
@@ -195,3 +204,26 @@ def test_a_map_the_kernel_refuses_changes_no_figure() -> None:
         assert mem.map_count(0) == 1 == oracle.maps_counts(mem.fd, PS)[0]
         assert bytes(keep.view()[:4]) == b"kept"
         keep.close()
+
+
+def test_numpy_integers_are_taken_as_ints(tmp_path: Path) -> None:
+    """Offsets and lengths computed with NumPy (``np.arange(n) * PS``) are integers, as
+    ``os`` and ``mmap`` take them (``__index__``): every call works as with ints."""
+    image = tmp_path / "img"
+    image.write_bytes(b"i" * 2 * PS)
+    offsets = np.arange(4, dtype=np.int64) * PS
+    with devanon.Anon(np.uint64(SIZE)) as mem:  # type: ignore[arg-type]
+        maps = [mem.map(offsets[i], np.int64(2 * PS)) for i in range(3)]
+        mem.unmap(np.int64(maps[0].address), np.int32(PS))  # type: ignore[arg-type]
+        ov = mem.overlay(np.int64(maps[2].address), image, np.int64(0), np.int64(PS))  # type: ignore[arg-type]
+        kernel = oracle.maps_counts(mem.fd, PS)
+        ours = [mem.map_count(offsets[0] + p * PS) for p in range(4)]
+        assert ours == [kernel.get(p, 0) for p in range(4)] == [0, 2, 1, 1]
+        assert type(mem.map_count(offsets[1])) is int
+        ov.release()
+        for m in maps:
+            m.close()
+    image.write_bytes(b"i" * 2 * PS)
+    result = devanon.punch_hole(image, np.int64(0), np.int64(2 * PS))  # type: ignore[arg-type]
+    assert type(result.length) is int and result.length == 2 * PS
+    assert os.stat(image).st_blocks == 0

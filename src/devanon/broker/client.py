@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
-from devanon import _libc, forking
+from devanon import _checks, _libc, forking
 from devanon.broker import protocol as wire
 from devanon.broker import ring as rings
 from devanon.broker.server import checked_socket_path, default_socket_path
@@ -588,9 +588,12 @@ class Client:
             raise TypeError(f"create and exclusive are bools, not {create!r}, {exclusive!r}")
         if exclusive and not create:
             raise ValueError(f"exclusive=True opens nothing without create=True ({name!r})")
-        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size <= 0):
-            raise ValueError(f"size must be a positive int, not {size!r}")
-        if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+        if size is not None:
+            size = _checks.integer("size", size)
+            if size <= 0:
+                raise ValueError(f"size must be a positive int, not {size!r}")
+        mode = _checks.integer("mode", mode)
+        if not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be within 0o000..0o777, not {mode!r}")
         flags = (
             (wire.OPEN_CREATE if create else 0)
@@ -766,8 +769,9 @@ class SharedAnon(Mapper):
 
     def map_count(self, offset: int) -> int:
         """How many times, over all clients, the page holding ``offset`` is mapped."""
-        if not isinstance(offset, int) or isinstance(offset, bool):
-            raise TypeError(f"offset must be an int, not {offset!r}")
+        offset = _checks.integer("offset", offset)
+        if not 0 <= offset < self.size:
+            raise ValueError(f"offset {offset:#x} is outside {self.name!r} (size {self.size:#x})")
         with self._lock:
             self._check_open()
             self._before_op()
