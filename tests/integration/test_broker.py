@@ -1216,6 +1216,10 @@ def test_client_side_bad_input(daemon: Served) -> None:
         ]:
             with pytest.raises(exc, match=re.escape(text)):
                 obj.map_count(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match=str(1 << 70)):
+            client.open("typed", 1 << 70, create=True)
+        with pytest.raises(TypeError, match="True"):
+            client.open("typed", PS, create=True, mode=True)
         with pytest.raises(TypeError, match="'big'"):
             client.open("typed", "big", create=True)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"0\.5"):

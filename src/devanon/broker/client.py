@@ -171,15 +171,21 @@ class Client:
 
     def _after_fork_in_child(self) -> None:
         """The socket is the parent's: drop our copy; the next call reconnects. The lock
-        may have been held by a thread that the child does not have: make a new one."""
+        may have been held by a thread that the child does not have: make a new one.
+
+        The first two steps come first, with no call between them (a signal handler runs
+        only after a call): its exception later in the hook (which does not stop the
+        fork) leaves a child that still reconnects (a new socket and ring: ``_connect``)
+        and reopens its objects (``chores``) before its next request. It never speaks on
+        its parent's connection, nor sends a handle of it on its own."""
+        self._pid = -1
+        self.chores.append(True)
         self._lock = threading.RLock()
         self._late_errors = []
         self._pending, self._early, self._unwanted = set(), {}, set()
         self._give_back = {}
         self._sock.close()
         self._drop_ring()  # the parent's: ours comes with our own connection
-        self._pid = -1
-        self.chores.append(True)  # the objects opened before the fork: opened again
 
     # -- requests --------------------------------------------------------------------------
 
@@ -590,8 +596,8 @@ class Client:
             raise ValueError(f"exclusive=True opens nothing without create=True ({name!r})")
         if size is not None:
             size = _checks.integer("size", size)
-            if size <= 0:
-                raise ValueError(f"size must be a positive int, not {size!r}")
+            if not 0 < size < 1 << 63:
+                raise ValueError(f"size must be positive and below 2**63 (off_t), not {size}")
         mode = _checks.integer("mode", mode)
         if not 0 <= mode <= 0o777:
             raise ValueError(f"mode must be within 0o000..0o777, not {mode!r}")
