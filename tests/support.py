@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import dis
 import errno
+import itertools
 import os
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from types import CodeType, FrameType
+from typing import Any
 
 import pytest
 
@@ -119,3 +125,75 @@ def start_child(body: Callable[[], int]) -> int:
 def run_child(body: Callable[[], int]) -> int:
     """Fork, run ``body()`` in the child (its return value is the exit code), wait."""
     return os.waitstatus_to_exitcode(os.waitpid(start_child(body), 0)[1])
+
+
+# -- interrupts placed by a line trace (as a signal handler's exception) ----------------
+
+
+def lines_after_calls(code: CodeType) -> list[int]:
+    """The lines of ``code`` whose start a signal handler can reach: each that follows
+    (in bytecode order) a line that calls something.
+
+    A ``try:`` line is a NOP that no entry of the exception table covers (3.11): an
+    exception raised there by the trace would skip the ``with`` around it, which a
+    handler's cannot (it comes from the call before, which the table covers). The line
+    after it stands in for it."""
+    lines: list[tuple[int, bool, bool]] = []  # (line, it calls, it is a NOP), in order
+    for ins in dis.get_instructions(code):
+        if ins.starts_line is not None:
+            lines.append((ins.starts_line, False, ins.opname == "NOP"))
+        if lines and ins.opname.startswith(("CALL", "PRECALL")):
+            lines[-1] = (lines[-1][0], True, lines[-1][2])
+    reached = set()
+    for k, ((_, calls, _), (line, _, nop)) in enumerate(itertools.pairwise(lines)):
+        if calls:
+            reached.add(lines[k + 2][0] if nop and k + 2 < len(lines) else line)
+    return sorted(reached)
+
+
+@contextlib.contextmanager
+def interrupt_at(code: CodeType, line: int) -> Iterator[list[bool]]:
+    """Raise KeyboardInterrupt the first time ``code`` reaches ``line``; yields [fired]."""
+    fired = [False]
+
+    def local(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        if event == "line" and frame.f_lineno == line and not fired[0]:
+            fired[0] = True
+            raise KeyboardInterrupt("as from a signal handler")
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        return local if frame.f_code is code else None
+
+    sys.settrace(tracer)
+    try:
+        yield fired
+    finally:
+        sys.settrace(None)
+
+
+def reached(run: Callable[[], None], functions: Iterable[Callable[..., Any]]) -> list[Any]:
+    """``(name, code, line)`` for each line of these functions that a signal handler can
+    reach and that ``run`` runs (it is run once to see, traced)."""
+    codes = {f.__code__ for f in functions}
+    ran: set[tuple[CodeType, int]] = set()
+
+    def local(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        if event == "line":
+            ran.add((frame.f_code, frame.f_lineno))
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        return local if frame.f_code in codes else None
+
+    sys.settrace(tracer)
+    try:
+        run()
+    finally:
+        sys.settrace(None)
+    return [
+        (code.co_name, code, line)
+        for code in sorted(codes, key=lambda c: c.co_firstlineno)
+        for line in lines_after_calls(code)
+        if (code, line) in ran
+    ]

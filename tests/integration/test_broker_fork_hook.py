@@ -18,8 +18,8 @@ from broker_daemon import Served
 
 _SCRIPT = """
 import os, sys
-sys.path[:0] = [TESTS + "/kernel", TESTS]
-from test_interrupts import _interrupt_at, _lines_after_calls
+sys.path[:0] = [TESTS]
+from support import interrupt_at, lines_after_calls
 from devanon.broker import BrokerError, Client, connect
 PS = os.sysconf("SC_PAGE_SIZE")
 sys.unraisablehook = lambda u: None  # the fork reports the hook's exception: expected
@@ -29,8 +29,8 @@ client.open("hooked-b", 4 * PS, create=True).close()
 kept = a.map(0, PS)
 kept.view()[:1] = b"p"
 code = Client._after_fork_in_child.__code__
-for line in _lines_after_calls(code):
-    with _interrupt_at(code, line) as fired:
+for line in lines_after_calls(code):
+    with interrupt_at(code, line) as fired:
         pid = os.fork()
     if pid == 0:
         sys.settrace(None)

@@ -444,8 +444,8 @@ def test_a_view_lock_held_by_another_thread_at_fork_does_not_hang_the_child() ->
 
 _INTERRUPTED_FORK_HOOKS = """
 import contextlib, os, sys, threading
-sys.path[:0] = [TESTS + "/kernel", TESTS]
-from test_interrupts import _interrupt_at, _lines_after_calls
+sys.path[:0] = [TESTS]
+from support import interrupt_at, lines_after_calls
 import devanon
 from devanon import forking
 PS = devanon.PAGE_SIZE
@@ -453,12 +453,12 @@ sys.unraisablehook = lambda u: None  # the fork reports the hook's exception: ex
 forking.log.disabled = True  # (and so does the child's hook)
 for hook in (forking._before, forking._after_in_child, forking._child_objects):
     code = hook.__code__
-    for line in _lines_after_calls(code):
+    for line in lines_after_calls(code):
         a, b = devanon.Anon(4 * PS), devanon.Anon(4 * PS)
         ma, mb = a.map(0, PS), b.map(0, PS)
         ma.view()[:] = b"a" * PS
         mb.view()[:] = b"b" * PS
-        with _interrupt_at(code, line) as fired:
+        with interrupt_at(code, line) as fired:
             pid = os.fork()
         if pid == 0:  # a child closes what it holds: it must not punch its parent's pages
             sys.settrace(None)

@@ -13,64 +13,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dis
-import itertools
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from types import CodeType, FrameType
+from collections.abc import Callable
+from types import CodeType
 from typing import Any
 
 import oracle
 import pytest
+from support import interrupt_at, reached
 
 import devanon
 from devanon import anon as anon_module
 from devanon import mapper
 
 PS = 4096
-
-
-def _lines_after_calls(code: CodeType) -> list[int]:
-    """The lines of ``code`` whose start a signal handler can reach: each that follows
-    (in bytecode order) a line that calls something.
-
-    A ``try:`` line is a NOP that no entry of the exception table covers (3.11): an
-    exception raised there by the trace would skip the ``with`` around it, which a
-    handler's cannot (it comes from the call before, which the table covers). The line
-    after it stands in for it."""
-    lines: list[tuple[int, bool, bool]] = []  # (line, it calls, it is a NOP), in order
-    for ins in dis.get_instructions(code):
-        if ins.starts_line is not None:
-            lines.append((ins.starts_line, False, ins.opname == "NOP"))
-        if lines and ins.opname.startswith(("CALL", "PRECALL")):
-            lines[-1] = (lines[-1][0], True, lines[-1][2])
-    reached = set()
-    for k, ((_, calls, _), (line, _, nop)) in enumerate(itertools.pairwise(lines)):
-        if calls:
-            reached.add(lines[k + 2][0] if nop and k + 2 < len(lines) else line)
-    return sorted(reached)
-
-
-@contextlib.contextmanager
-def _interrupt_at(code: CodeType, line: int) -> Iterator[list[bool]]:
-    """Raise KeyboardInterrupt the first time ``code`` reaches ``line``; yields [fired]."""
-    fired = [False]
-
-    def local(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-        if event == "line" and frame.f_lineno == line and not fired[0]:
-            fired[0] = True
-            raise KeyboardInterrupt("as from a signal handler")
-        return local
-
-    def tracer(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-        return local if frame.f_code is code else None
-
-    sys.settrace(tracer)
-    try:
-        yield fired
-    finally:
-        sys.settrace(None)
 
 
 def _books_within_the_kernels(anon: devanon.Anon) -> None:
@@ -87,42 +43,15 @@ def _closes(anon: devanon.Anon) -> None:
     assert not done.is_alive(), "close() did not end"
 
 
-def _reached(run: Callable[[], None], functions: Iterable[Callable[..., Any]]) -> list[Any]:
-    """``(name, code, line)`` for each line of these functions that a signal handler can
-    reach and that ``run`` runs (it is run once to see, traced)."""
-    codes = {f.__code__ for f in functions}
-    ran: set[tuple[CodeType, int]] = set()
-
-    def local(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-        if event == "line":
-            ran.add((frame.f_code, frame.f_lineno))
-        return local
-
-    def tracer(frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-        return local if frame.f_code in codes else None
-
-    sys.settrace(tracer)
-    try:
-        run()
-    finally:
-        sys.settrace(None)
-    return [
-        (code.co_name, code, line)
-        for code in sorted(codes, key=lambda c: c.co_firstlineno)
-        for line in _lines_after_calls(code)
-        if (code, line) in ran
-    ]
-
-
 def _targets(viewed: bool, *functions: Callable[..., Any]) -> list[tuple[Any, ...]]:
     """``(name, code, line, viewed)`` for each line of these functions that a signal
     handler can reach and that the scenario runs."""
     anon = devanon.Anon(64 * PS)
     try:
-        reached = _reached(lambda: _scenario(anon, viewed), functions)
+        found = reached(lambda: _scenario(anon, viewed), functions)
     finally:
         anon.close()
-    return [(*target, viewed) for target in reached]
+    return [(*target, viewed) for target in found]
 
 
 HOT = (
@@ -150,7 +79,7 @@ def _interrupted(anon: devanon.Anon, code: CodeType, line: int, viewed: bool) ->
     stay so."""
     keep = anon.map(0, PS)
     ctypes.memset(keep.address, 1, 1)
-    with _interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
+    with interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
         _scenario(anon, viewed)
     assert fired[0]
     _books_within_the_kernels(anon)

@@ -11,7 +11,8 @@ from types import CodeType
 
 import oracle
 import pytest
-from test_interrupts import _closes, _interrupt_at, _reached
+from support import interrupt_at, reached
+from test_interrupts import _closes
 
 import devanon
 from devanon import anon as anon_module
@@ -66,7 +67,7 @@ def _targets() -> list[tuple[str, CodeType, int]]:
     OVERLAY_FILE.write_bytes(b"o" * 2 * PS)
     anon = devanon.Anon(16 * PS)
     try:
-        return _reached(lambda: _scenario(anon, OVERLAY_FILE), FUNCTIONS)
+        return reached(lambda: _scenario(anon, OVERLAY_FILE), FUNCTIONS)
     finally:
         anon.close()
 
@@ -82,7 +83,7 @@ def test_an_interrupt_in_an_overlay_or_a_pieced_unmap_leaves_the_books_true(
     try:
         keep = anon.map(0, PS)
         ctypes.memset(keep.address, 1, 1)
-        with _interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
+        with interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
             _scenario(anon, OVERLAY_FILE)
         assert fired[0]
         _books_true(anon, ident)
