@@ -1,0 +1,115 @@
+"""An exception from a signal handler (Ctrl-C) at any line of a SharedAnon's map or close
+that a handler can reach: the object may leak a mapping or a count, but the daemon never
+counts a page fewer times than the kernel shows it mapped (``verify``), which could punch
+it under a live mapping; the client's lock is free, other pages keep their data, and the
+client goes on working. The device's counterpart is ``tests/kernel/test_interrupts.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Any
+
+import pytest
+from broker_daemon import Served
+from support import interrupt_at, reached, unmap_every_mapping_of
+
+from devanon.broker import Client, SharedAnon
+from devanon.broker import ring as rings
+from devanon.mapper import Mapper
+
+PS = os.sysconf("SC_PAGE_SIZE")
+
+FUNCTIONS = (
+    Mapper.map,
+    Mapper._close_mapping,
+    SharedAnon._map_counted,
+    SharedAnon._mmap_shared,
+    SharedAnon._lose_one,
+    Client.map_while,
+    Client.post_unmap,
+    Client._next_seq,
+    Client._send_one,
+    Client._transmit,
+    Client._await,
+    Client._ring_reply_to,
+    Client._reply_to,
+    Client._socket_reply_to,
+    Client._receive,
+    rings.ClientRing.post,
+    rings.ClientRing.reply,
+    rings.fence,
+)
+
+
+_MISSED = "the line was not reached"
+
+
+def _scenario(obj: SharedAnon) -> None:
+    """Map a page, write it, close it."""
+    m = obj.map(PS, PS)
+    ctypes.memset(m.address, 2, 1)
+    m.close()
+
+
+def _undercounted(client: Client, name: str) -> list[dict[str, int]]:
+    return [d for d in client.verify(name) if d["daemon_count"] < d["kernel_count"]]
+
+
+def _interrupted(client: Client, name: str, code: Any, line: int) -> list[str]:
+    """The scenario with an interrupt at ``line`` of ``code``, then three more; what went
+    wrong."""
+    obj = client.open(name, 4 * PS, create=True)
+    keep = obj.map(0, PS)
+    keep.view()[:1] = b"k"
+    obj.map(2 * PS, PS).close()  # the ring (if any) is there before the interrupt
+    wrong = []
+    with interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
+        _scenario(obj)
+    if not fired[0]:  # a wait's line that this run did not need (the reply was there)
+        wrong.append(_MISSED)
+    if client._lock._is_owned():  # type: ignore[attr-defined]
+        wrong.append("the client's lock is held")
+    try:
+        for _ in range(3):
+            _scenario(obj)
+        obj.flush()
+    except Exception as e:
+        wrong.append(f"then: {e!r}")
+    if under := _undercounted(client, name):
+        wrong.append(f"under-counted: {under}")
+    if bytes(keep.view()[:1]) != b"k":
+        wrong.append("the kept page lost its data")
+    keep.close()
+    unmap_every_mapping_of(os.fstat(obj.fd))  # a mapping the interrupt lost
+    try:
+        obj.close()
+    except Exception as e:
+        wrong.append(f"close: {e!r}")
+    client.unlink(name)
+    return wrong
+
+
+@pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
+def test_an_interrupt_in_a_shared_map_or_close_never_undercounts(
+    daemon: Served, ring: bool
+) -> None:
+    with Client(daemon.socket, ring=ring) as probe:
+        obj = probe.open("probe", 4 * PS, create=True)
+        obj.map(0, PS).close()
+        assert (probe._ring is not None) == ring
+        targets = reached(lambda: _scenario(obj), FUNCTIONS)
+        obj.close()
+    assert len(targets) >= 20, targets
+    problems, missed = [], 0
+    for k, (name, code, line) in enumerate(targets):
+        with Client(daemon.socket, ring=ring) as client:
+            wrong = _interrupted(client, f"interrupted-{k}", code, line)
+        if wrong == [_MISSED]:
+            missed += 1
+        elif wrong:
+            problems.append((name, line, wrong))
+    assert problems == []
+    assert missed <= len(targets) // 10, f"{missed} of {len(targets)} lines not reached"
