@@ -10,8 +10,11 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import oracle
 import pytest
 from broker_daemon import Served
 from support import interrupt_at, reached, unmap_every_mapping_of
@@ -58,23 +61,87 @@ def _undercounted(client: Client, name: str) -> list[dict[str, int]]:
     return [d for d in client.verify(name) if d["daemon_count"] < d["kernel_count"]]
 
 
-def _interrupted(client: Client, name: str, code: Any, line: int) -> list[str]:
+OVERLAY_FILE = Path("/dev/shm") / f"devanon-broker-intr-{os.getpid()}"
+
+
+def _overlays(obj: SharedAnon) -> None:
+    """An overlay laid and released; another laid, then unmapped with its neighbours in one
+    unmap of several pieces; the rest closed (as ``tests/kernel/test_interrupts_overlay``)."""
+    m = obj.map(4 * PS, 6 * PS)
+    ctypes.memset(m.address, 2, 6 * PS)
+    obj.overlay(m.address + PS, OVERLAY_FILE, 0, PS).release()
+    obj.overlay(m.address + 3 * PS, OVERLAY_FILE, PS, PS)
+    obj.unmap(m.address + 2 * PS, 3 * PS)  # a plain page, the overlay, a plain page
+    m.close()
+
+
+OVERLAY_FUNCTIONS = (
+    Mapper.overlay,
+    Mapper._release_overlay,
+    Mapper.unmap,
+    Mapper._unmap_spans,
+    Mapper._calls,
+    Mapper._make_calls,
+    Mapper._forget,
+    Mapper._cut,
+    Mapper._insert,
+    Mapper._discard_overlay,
+    Mapper._close_mapping,
+    SharedAnon._gain,
+    SharedAnon._lose,
+    SharedAnon._range_bodies,
+    Client.call,
+    Client.post,
+    Client._exchange,
+    Client._transmit,
+    Client._await,
+    Client._reply_to,
+    Client._socket_reply_to,
+    Client._receive,
+)
+
+
+def _books_true(obj: SharedAnon) -> list[str]:
+    """Ranges the books name that are neither the object's nor the overlay file's
+    mappings (a view there could be writable over a read-only file, or an unmap take
+    what the kernel put there since)."""
+    own = oracle.maps_entries(oracle.file_id(obj.fd))
+    with open(OVERLAY_FILE, "rb") as f:
+        laid = oracle.maps_entries(oracle.file_id(f.fileno()))
+    return [
+        f"{seg.start:#x}-{seg.stop:#x}"
+        for seg in obj._segments
+        if not any(
+            a <= seg.start and seg.stop <= b
+            for a, b, _ in (own if seg.overlay is None else own + laid)
+        )
+    ]
+
+
+def _interrupted(
+    client: Client, name: str, scenario: Callable[[SharedAnon], None], code: Any, line: int
+) -> list[str]:
     """The scenario with an interrupt at ``line`` of ``code``, then three more; what went
     wrong."""
-    obj = client.open(name, 4 * PS, create=True)
+    obj = client.open(name, 16 * PS, create=True)
     keep = obj.map(0, PS)
     keep.view()[:1] = b"k"
     obj.map(2 * PS, PS).close()  # the ring (if any) is there before the interrupt
     wrong = []
     with interrupt_at(code, line) as fired, contextlib.suppress(KeyboardInterrupt):
-        _scenario(obj)
+        scenario(obj)
     if not fired[0]:  # a wait's line that this run did not need (the reply was there)
         wrong.append(_MISSED)
     if client._lock._is_owned():  # type: ignore[attr-defined]
         wrong.append("the client's lock is held")
+    if stray := _books_true(obj):
+        wrong.append(f"the books name memory not ours: {stray}")
     try:
         for _ in range(3):
-            _scenario(obj)
+            with contextlib.suppress(ValueError):  # (what the books no longer hold)
+                scenario(obj)
+            if stray := _books_true(obj):
+                wrong.append(f"then the books name memory not ours: {stray}")
         obj.flush()
     except Exception as e:
         wrong.append(f"then: {e!r}")
@@ -92,21 +159,43 @@ def _interrupted(client: Client, name: str, code: Any, line: int) -> list[str]:
     return wrong
 
 
+@pytest.mark.parametrize(
+    ("scenario", "functions"),
+    [(_scenario, FUNCTIONS), (_overlays, OVERLAY_FUNCTIONS)],
+    ids=["map-close", "overlays"],
+)
 @pytest.mark.parametrize("ring", [True, False], ids=["ring", "socket"])
-def test_an_interrupt_in_a_shared_map_or_close_never_undercounts(
-    daemon: Served, ring: bool
+def test_an_interrupt_in_a_shared_object_never_undercounts(
+    daemon: Served,
+    ring: bool,
+    scenario: Callable[[SharedAnon], None],
+    functions: tuple[Callable[..., Any], ...],
+) -> None:
+    OVERLAY_FILE.write_bytes(b"o" * 2 * PS)
+    try:
+        _sweep(daemon, ring, scenario, functions)
+    finally:
+        OVERLAY_FILE.unlink()
+
+
+def _sweep(
+    daemon: Served,
+    ring: bool,
+    scenario: Callable[[SharedAnon], None],
+    functions: tuple[Callable[..., Any], ...],
 ) -> None:
     with Client(daemon.socket, ring=ring) as probe:
-        obj = probe.open("probe", 4 * PS, create=True)
+        obj = probe.open("probe", 16 * PS, create=True)
         obj.map(0, PS).close()
         assert (probe._ring is not None) == ring
-        targets = reached(lambda: _scenario(obj), FUNCTIONS)
+        targets = reached(lambda: scenario(obj), functions)
         obj.close()
+        probe.unlink("probe")
     assert len(targets) >= 20, targets
     problems, missed = [], 0
     for k, (name, code, line) in enumerate(targets):
         with Client(daemon.socket, ring=ring) as client:
-            wrong = _interrupted(client, f"interrupted-{k}", code, line)
+            wrong = _interrupted(client, f"interrupted-{k}", scenario, code, line)
         if wrong == [_MISSED]:
             missed += 1
         elif wrong:
