@@ -1,4 +1,5 @@
-"""An interrupt in the client's fork hook: the child still never speaks for its parent.
+"""Interrupts in the fork hooks of a broker client: the child never speaks for its parent,
+and never takes a count its parent's pages need.
 
 CPython does not let a fork hook's exception stop the fork (it reports it and forks on),
 so a signal handler's exception (Ctrl-C) can leave ``Client._after_fork_in_child`` half
@@ -72,3 +73,73 @@ def test_an_interrupt_in_the_clients_fork_hook_never_mixes_connections(
     rows = [line.split() for line in done.stdout.splitlines()]
     assert len(rows) >= 4, done.stdout  # every line a handler can reach, each one fired
     assert all(row[1:] == ["0", "True"] for row in rows), done.stdout
+
+
+_OBJECT_HOOKS = """
+import contextlib, os, sys, threading, time
+sys.path[:0] = [TESTS]
+from support import interrupt_at, lines_after_calls
+from devanon import forking
+from devanon.broker import SharedAnon, connect
+from devanon.mapper import Mapper
+PS = os.sysconf("SC_PAGE_SIZE")
+sys.unraisablehook = lambda u: None  # the fork reports the hook's exception: expected
+forking.log.disabled = True
+client = connect(SOCKET)
+hooks = (
+    forking._before, forking._after_in_child, forking._child_objects,
+    SharedAnon._prepare_fork, SharedAnon._fork_child, Mapper._prepare_fork,
+    Mapper._drop_uninherited,
+)
+for k, hook in enumerate(hooks):
+    code = hook.__code__
+    for line in lines_after_calls(code):
+        name = f"hooked-{k}-{line}"
+        obj = client.open(name, 4 * PS, create=True)
+        ma, mb = obj.map(0, PS, inherit=True), obj.map(PS, PS)
+        ma.view()[:1], mb.view()[:1] = b"a", b"b"
+        with interrupt_at(code, line) as fired:
+            pid = os.fork()
+        if pid == 0:  # the child lets go of all it holds: none of it may free a parent's page
+            sys.settrace(None)
+            for m in (ma, mb):
+                with contextlib.suppress(Exception):
+                    m.close()
+            with contextlib.suppress(Exception):
+                obj.close()
+            os._exit(0 if fired[0] else 3)
+        _, status = os.waitpid(pid, 0)
+        fired = fired[0] or os.waitstatus_to_exitcode(status) == 0
+        time.sleep(0.05)  # the daemon reads the child's lifeline EOF and its connection's end
+        obj.flush()
+        kept = os.pread(obj.fd, 1, 0) + os.pread(obj.fd, 1, PS) == b"ab"
+        under = [d for d in client.verify(name) if d["daemon_count"] < d["kernel_count"]]
+        closer = threading.Thread(target=lambda: [x.close() for x in (ma, mb, obj)], daemon=True)
+        closer.start()
+        closer.join(10)  # another thread: a lock the hook kept would stop it
+        print(hook.__qualname__, line, fired, kept, not under, not closer.is_alive(), flush=True)
+        if closer.is_alive():
+            sys.exit(1)
+        client.unlink(name)
+"""
+
+
+def test_an_interrupt_in_a_fork_hook_never_frees_a_shared_page_the_parent_maps(
+    daemon: Served,
+) -> None:
+    """Wherever a signal handler's exception comes in the fork hooks (the device's, run for
+    a SharedAnon, and its own), the child that then closes everything it holds must not
+    take a count its parent's pages need: they keep their data, the daemon counts them at
+    least as the kernel shows them mapped, and no lock stays taken."""
+    tests = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run(
+        [sys.executable, "-c", f"TESTS = {tests!r}\nSOCKET = {daemon.socket!r}\n" + _OBJECT_HOOKS],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()]
+    fired = [row for row in rows if row[2] == "True"]
+    assert len(fired) >= 20, done.stdout
+    assert all(row[3:] == ["True", "True", "True"] for row in fired), done.stdout
