@@ -7,8 +7,10 @@ import dis
 import errno
 import itertools
 import os
+import subprocess
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from types import CodeType, FrameType
 from typing import Any
 
@@ -197,3 +199,30 @@ def reached(run: Callable[[], None], functions: Iterable[Callable[..., Any]]) ->
         for line in lines_after_calls(code)
         if (code, line) in ran
     ]
+
+
+def run_script(script: str, timeout: float, **names: str) -> list[list[str]]:
+    """Run ``script`` in a new interpreter (fork hooks and traces are best kept out of
+    pytest's process), with ``TESTS`` (this directory) and ``names`` set as strings first;
+    it must exit 0. Returns its output's lines, split into words."""
+    names = {"TESTS": str(Path(__file__).resolve().parent), **names}
+    head = "".join(f"{name} = {value!r}\n" for name, value in names.items())
+    done = subprocess.run(
+        [sys.executable, "-c", head + script], capture_output=True, text=True, timeout=timeout
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [line.split() for line in done.stdout.splitlines()]
+
+
+def overlay_scenario(obj: Any, path: Path, page_size: int) -> None:
+    """An overlay laid and released; another laid, then unmapped with its neighbours in one
+    unmap of several pieces; the rest closed (for an Anon or a SharedAnon)."""
+    import ctypes
+
+    ps = page_size
+    m = obj.map(4 * ps, 6 * ps)
+    ctypes.memset(m.address, 2, 6 * ps)
+    obj.overlay(m.address + ps, path, 0, ps).release()
+    obj.overlay(m.address + 3 * ps, path, ps, ps)
+    obj.unmap(m.address + 2 * ps, 3 * ps)  # a plain page, the overlay, a plain page
+    m.close()

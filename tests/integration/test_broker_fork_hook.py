@@ -11,11 +11,8 @@ they were.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from broker_daemon import Served
+from support import run_script
 
 _SCRIPT = """
 import os, sys
@@ -62,17 +59,9 @@ a.close()
 def test_an_interrupt_in_the_clients_fork_hook_never_mixes_connections(
     daemon: Served,
 ) -> None:
-    tests = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run(
-        [sys.executable, "-c", f"TESTS = {tests!r}\nSOCKET = {daemon.socket!r}\n" + _SCRIPT],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()]
-    assert len(rows) >= 4, done.stdout  # every line a handler can reach, each one fired
-    assert all(row[1:] == ["0", "True"] for row in rows), done.stdout
+    rows = run_script(_SCRIPT, 120, SOCKET=daemon.socket)
+    assert len(rows) >= 4, rows  # every line a handler can reach, each one fired
+    assert all(row[1:] == ["0", "True"] for row in rows), rows
 
 
 _OBJECT_HOOKS = """
@@ -131,15 +120,7 @@ def test_an_interrupt_in_a_fork_hook_never_frees_a_shared_page_the_parent_maps(
     a SharedAnon, and its own), the child that then closes everything it holds must not
     take a count its parent's pages need: they keep their data, the daemon counts them at
     least as the kernel shows them mapped, and no lock stays taken."""
-    tests = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run(
-        [sys.executable, "-c", f"TESTS = {tests!r}\nSOCKET = {daemon.socket!r}\n" + _OBJECT_HOOKS],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()]
+    rows = run_script(_OBJECT_HOOKS, 240, SOCKET=daemon.socket)
     fired = [row for row in rows if row[2] == "True"]
-    assert len(fired) >= 20, done.stdout
-    assert all(row[3:] == ["True", "True", "True"] for row in fired), done.stdout
+    assert len(fired) >= 20, rows
+    assert all(row[3:] == ["True", "True", "True"] for row in fired), rows

@@ -17,7 +17,7 @@ from typing import Any
 import oracle
 import pytest
 from broker_daemon import Served
-from support import interrupt_at, reached, unmap_every_mapping_of
+from support import interrupt_at, overlay_scenario, reached, unmap_every_mapping_of
 
 from devanon.broker import Client, SharedAnon
 from devanon.broker import ring as rings
@@ -65,14 +65,7 @@ OVERLAY_FILE = Path("/dev/shm") / f"devanon-broker-intr-{os.getpid()}"
 
 
 def _overlays(obj: SharedAnon) -> None:
-    """An overlay laid and released; another laid, then unmapped with its neighbours in one
-    unmap of several pieces; the rest closed (as ``tests/kernel/test_interrupts_overlay``)."""
-    m = obj.map(4 * PS, 6 * PS)
-    ctypes.memset(m.address, 2, 6 * PS)
-    obj.overlay(m.address + PS, OVERLAY_FILE, 0, PS).release()
-    obj.overlay(m.address + 3 * PS, OVERLAY_FILE, PS, PS)
-    obj.unmap(m.address + 2 * PS, 3 * PS)  # a plain page, the overlay, a plain page
-    m.close()
+    overlay_scenario(obj, OVERLAY_FILE, PS)
 
 
 OVERLAY_FUNCTIONS = (
@@ -173,17 +166,15 @@ def test_an_interrupt_in_a_shared_object_never_undercounts(
 ) -> None:
     OVERLAY_FILE.write_bytes(b"o" * 2 * PS)
     try:
-        _sweep(daemon, ring, scenario, functions)
+        problems, missed, reached_lines = _sweep(daemon, ring, scenario, functions)
     finally:
         OVERLAY_FILE.unlink()
+    assert problems == []
+    assert missed <= reached_lines // 10, f"{missed} of {reached_lines} lines not reached"
 
 
-def _sweep(
-    daemon: Served,
-    ring: bool,
-    scenario: Callable[[SharedAnon], None],
-    functions: tuple[Callable[..., Any], ...],
-) -> None:
+def _sweep(daemon: Served, ring: bool, scenario: Any, functions: Any) -> tuple[list[Any], int, int]:
+    """Each line in turn: ``(problems, lines not reached, lines)``."""
     with Client(daemon.socket, ring=ring) as probe:
         obj = probe.open("probe", 16 * PS, create=True)
         obj.map(0, PS).close()
@@ -200,5 +191,4 @@ def _sweep(
             missed += 1
         elif wrong:
             problems.append((name, line, wrong))
-    assert problems == []
-    assert missed <= len(targets) // 10, f"{missed} of {len(targets)} lines not reached"
+    return problems, missed, len(targets)

@@ -7,7 +7,7 @@ import os
 
 import oracle
 import pytest
-from support import run_child, start_child
+from support import run_child, run_script, start_child
 
 import devanon
 
@@ -483,20 +483,8 @@ def test_an_interrupt_in_a_fork_hook_leaves_no_child_that_punches() -> None:
     reports it and forks all the same): wherever it comes in the before-fork hook or the
     child's, the child must not punch pages its parent maps (objects a hook did not finish
     get no copies in the child), and no object's lock stays taken."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    tests = str(Path(__file__).resolve().parent.parent)
-    done = subprocess.run(
-        [sys.executable, "-c", f"TESTS = {tests!r}\n" + _INTERRUPTED_FORK_HOOKS],
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = [line.split() for line in done.stdout.splitlines()]
+    rows = run_script(_INTERRUPTED_FORK_HOOKS, 240)
     fired = [row for row in rows if row[2] == "True"]  # (an EMFILE branch is not reached)
     for hook in ("_before", "_after_in_child", "_child_objects"):
-        assert sum(row[0] == hook for row in fired) >= 3, done.stdout
-    assert all(row[3:] == ["True", "True"] for row in fired), done.stdout
+        assert sum(row[0] == hook for row in fired) >= 3, rows
+    assert all(row[3:] == ["True", "True"] for row in fired), rows

@@ -11,7 +11,7 @@ from types import CodeType
 
 import oracle
 import pytest
-from support import interrupt_at, reached
+from support import interrupt_at, overlay_scenario, reached
 from test_interrupts import _closes
 
 import devanon
@@ -35,14 +35,7 @@ def _books_true(anon: devanon.Anon, overlay_ident: tuple[int, int, int]) -> None
 
 
 def _scenario(anon: devanon.Anon, path: Path) -> None:
-    """An overlay laid and released; another laid, then unmapped with its neighbours in one
-    unmap of several pieces; the rest closed."""
-    m = anon.map(4 * PS, 6 * PS)
-    ctypes.memset(m.address, 2, 6 * PS)
-    anon.overlay(m.address + PS, path, 0, PS).release()
-    anon.overlay(m.address + 3 * PS, path, PS, PS)
-    anon.unmap(m.address + 2 * PS, 3 * PS)  # a plain page, the overlay, a plain page
-    m.close()
+    overlay_scenario(anon, path, PS)
 
 
 FUNCTIONS = (
