@@ -49,6 +49,8 @@ def test_sigterm_mid_tour_leaves_no_file_behind(tmp_path: Path) -> None:
     )
     deadline = time.monotonic() + 60
     while not list(tmp_path.iterdir()) and time.monotonic() < deadline:
+        if tour.poll() is not None:  # ended before it: say how
+            raise AssertionError(f"the tour ended ({tour.returncode}): {tour.communicate()[1]!r}")
         time.sleep(0.01)  # until its scratch file exists: in the middle of the work
     assert list(tmp_path.iterdir()), "the tour never made its scratch file"
     tour.send_signal(signal.SIGTERM)
