@@ -128,9 +128,8 @@ PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 def punch_hole(fd: int, offset: int, length: int) -> int:
     """fallocate(2) with ``PUNCH_HOLE``: 0, or -1 where it failed (no exception: the
-    caller, an unmap's hot path (``devanon.punch.punch_one``, ``Anon._lose_one``), then
-    takes ``devanon.punch.punch_range``, which tries
-    again and explains, or falls back)."""
+    caller, ``devanon.punch.punch_one`` on an unmap's hot path, then takes
+    ``devanon.punch.punch_range``, which tries again and explains, or falls back)."""
     status: int = _fallocate(fd, PUNCH_HOLE, offset, length)
     return status
 

@@ -25,7 +25,7 @@ from devanon import _checks, _libc
 from devanon import forking as _forking
 from devanon.counts import MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE, Mapper, Mapping, Overlay
-from devanon.punch import PUNCH_BATCH, filesystem_of, punch_pages, punch_range, uncounted
+from devanon.punch import filesystem_of, punch_one, punch_pages, punch_range, uncounted
 
 __all__ = ["HUGE_PAGE_SIZE", "PAGE_SIZE", "Anon", "AnonStats", "Mapping", "Overlay"]
 
@@ -266,14 +266,8 @@ class Anon(Mapper):
         if zeros and not self._closing and not self._fork.is_child:
             ps = self.page_size
             for a, b in zeros:  # sorted, and never touching: runs of one range
-                offset, length = a * ps, (b - a) * ps
-                # One fallocate where it does (punch_range's loop and fallbacks otherwise:
-                # a call less costs a measurable share of a 4 KiB unmap).
-                if length > PUNCH_BATCH or _libc.punch_hole(self.fd, offset, length):
-                    self._punch_calls += punch_range(self.fd, offset, length, self.name)
-                else:
-                    self._punch_calls += 1
-                self._freed_bytes += length
+                self._punch_calls += punch_one(self.fd, a * ps, (b - a) * ps, self.name)
+                self._freed_bytes += (b - a) * ps
 
     def _give_back(self, ranges: list[PageRange]) -> None:
         """No punch: a page whose count goes back to 0 had 0 before this map, so it holds

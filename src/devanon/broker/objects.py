@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from devanon.counts import DENSE_CHUNK, MapCounts, PageRange
 from devanon.mapper import MEMFD_LABEL_MAX, PAGE_SIZE
-from devanon.punch import punch_one, punch_pages, uncounted
+from devanon.punch import punch_pages, uncounted
 
 READ = 4
 WRITE = 2
@@ -293,12 +293,6 @@ class SharedObject:
         return True
 
     def punch(self, zeros: list[PageRange]) -> None:
-        if len(zeros) == 1:  # the hot path (an unmap's page): one call less, then fallocate
-            first, last = zeros[0]
-            ps = self.page_size
-            self.punch_calls += punch_one(self.fd, first * ps, (last - first) * ps, self.name)
-            self.freed_bytes += (last - first) * ps
-            return
         calls, freed = punch_pages(self.fd, zeros, self.page_size, name=self.name)
         self.punch_calls += calls
         self.freed_bytes += freed
