@@ -8,6 +8,8 @@
   reads zeros through ``pread`` without being filled; a *read fault* on a shmem hole through
   a mapping allocates a page, so tests read unwritten pages with ``os.pread`` only.
 - ``resident_bytes``: ``st_blocks * 512``, what the filesystem says the file holds.
+- ``stray_segments``: what an object's books name that ``/proc/self/maps`` does not show
+  as its file's (or, under an overlay, the overlay file's).
 
 Exact page-for-page equality with a model needs shmem to allocate single pages, not large
 folios (a write would then fill a whole 16 KiB..2 MiB folio): ``shmem_small_folios`` says
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import os
+from typing import Any
 
 from support import data_pages as data_pages  # the tests call oracle.data_pages
 
@@ -88,3 +91,20 @@ def shmem_small_folios() -> bool:
         if setting not in ("never", "deny"):
             return False
     return top in ("never", "deny")
+
+
+def stray_segments(mapper: Any, overlay_ident: tuple[int, int, int] | None = None) -> list[str]:
+    """The ranges an Anon's or SharedAnon's books name that the kernel does not show as
+    theirs: a range is to be a mapping of the object's file, or, where the books say an
+    overlay lies, of that file too (``overlay_ident``; interrupted before its mmap, it is
+    still the object's). A stray range could be writable over a read-only file in a view
+    (SIGSEGV), or an unmap would take what the kernel put there since."""
+    own = maps_entries(file_id(mapper.fd))
+    laid = own + (maps_entries(overlay_ident) if overlay_ident is not None else [])
+    return [
+        f"{seg.start:#x}-{seg.stop:#x}"
+        for seg in mapper._segments
+        if not any(
+            a <= seg.start and seg.stop <= b for a, b, _ in (own if seg.overlay is None else laid)
+        )
+    ]

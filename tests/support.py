@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dis
 import errno
 import itertools
@@ -217,8 +218,6 @@ def run_script(script: str, timeout: float, **names: str) -> list[list[str]]:
 def overlay_scenario(obj: Any, path: Path, page_size: int) -> None:
     """An overlay laid and released; another laid, then unmapped with its neighbours in one
     unmap of several pieces; the rest closed (for an Anon or a SharedAnon)."""
-    import ctypes
-
     ps = page_size
     m = obj.map(4 * ps, 6 * ps)
     ctypes.memset(m.address, 2, 6 * ps)

@@ -94,28 +94,13 @@ OVERLAY_FUNCTIONS = (
 )
 
 
-def _books_true(obj: SharedAnon) -> list[str]:
-    """Ranges the books name that are neither the object's nor the overlay file's
-    mappings (a view there could be writable over a read-only file, or an unmap take
-    what the kernel put there since)."""
-    own = oracle.maps_entries(oracle.file_id(obj.fd))
-    with open(OVERLAY_FILE, "rb") as f:
-        laid = oracle.maps_entries(oracle.file_id(f.fileno()))
-    return [
-        f"{seg.start:#x}-{seg.stop:#x}"
-        for seg in obj._segments
-        if not any(
-            a <= seg.start and seg.stop <= b
-            for a, b, _ in (own if seg.overlay is None else own + laid)
-        )
-    ]
-
-
 def _interrupted(
     client: Client, name: str, scenario: Callable[[SharedAnon], None], code: Any, line: int
 ) -> list[str]:
     """The scenario with an interrupt at ``line`` of ``code``, then three more; what went
     wrong."""
+    with open(OVERLAY_FILE, "rb") as f:
+        laid = oracle.file_id(f.fileno())
     obj = client.open(name, 16 * PS, create=True)
     keep = obj.map(0, PS)
     keep.view()[:1] = b"k"
@@ -127,13 +112,13 @@ def _interrupted(
         wrong.append(_MISSED)
     if client._lock._is_owned():  # type: ignore[attr-defined]
         wrong.append("the client's lock is held")
-    if stray := _books_true(obj):
+    if stray := oracle.stray_segments(obj, laid):
         wrong.append(f"the books name memory not ours: {stray}")
     try:
         for _ in range(3):
             with contextlib.suppress(ValueError):  # (what the books no longer hold)
                 scenario(obj)
-            if stray := _books_true(obj):
+            if stray := oracle.stray_segments(obj, laid):
                 wrong.append(f"then the books name memory not ours: {stray}")
         obj.flush()
     except Exception as e:
