@@ -102,9 +102,10 @@ def stray_segments(mapper: Any, overlay_ident: tuple[int, int, int] | None = Non
     own = maps_entries(file_id(mapper.fd))
     laid = own + (maps_entries(overlay_ident) if overlay_ident is not None else [])
     return [
-        f"{seg.start:#x}-{seg.stop:#x}"
+        f"{seg._start:#x}-{seg._stop:#x}"
         for seg in mapper._segments
         if not any(
-            a <= seg.start and seg.stop <= b for a, b, _ in (own if seg.overlay is None else laid)
+            a <= seg._start and seg._stop <= b
+            for a, b, _ in (own if seg._overlay is None else laid)
         )
     ]

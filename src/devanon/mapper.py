@@ -49,27 +49,48 @@ _PROT_RW = _libc.PROT_READ | _libc.PROT_WRITE
 
 
 class _Segment:
-    """A piece of address space the Mapper owns: part of ``owner``, maybe under an overlay.
+    """A piece of address space the Mapper owns: part of ``_owner``, maybe under an overlay.
 
-    ``counted`` is False for a piece whose count someone else holds (a forked child's
-    inherited piece of a shared object: the parent pinned it).
+    A ``Mapping`` is its own first piece (one object fewer on the hot path of ``map``);
+    ``_cut`` makes the others (``_Piece``). ``_counted`` is False for a piece whose count
+    someone else holds (a forked child's inherited piece of a shared object: the parent
+    pinned it). ``_forkmark`` is True once MADV_DONTFORK was applied to the piece (see
+    ``_prepare_fork``).
     """
 
-    __slots__ = ("counted", "forkmark", "overlay", "owner", "start", "stop")
+    __slots__ = ("_counted", "_forkmark", "_overlay", "_start", "_stop")
+
+    _start: int
+    _stop: int
+    _overlay: Overlay | None
+    _counted: bool
+    _forkmark: bool
+
+    @property
+    def _owner(self) -> Mapping:
+        """The mapping this piece belongs to."""
+        raise NotImplementedError
+
+
+class _Piece(_Segment):
+    """A piece of a mapping other than the one it began as (see ``_Segment``)."""
+
+    __slots__ = ("_owner",)
+
+    _owner: Mapping
 
     def __init__(
-        self, start: int, stop: int, owner: Mapping, overlay: Overlay | None, counted: bool = True
+        self, start: int, stop: int, owner: Mapping, overlay: Overlay | None, counted: bool
     ) -> None:
-        self.start = start
-        self.stop = stop
-        self.owner = owner
-        self.overlay = overlay
-        self.counted = counted
-        self.forkmark = False
-        """True once MADV_DONTFORK was applied to this piece (see ``_prepare_fork``)."""
+        self._start = start
+        self._stop = stop
+        self._owner = owner
+        self._overlay = overlay
+        self._counted = counted
+        self._forkmark = False
 
 
-class Mapping:
+class Mapping(_Segment):
     """One ``map()``: ``length`` bytes of the object from ``offset``, at ``address``.
 
     Pieces of it may be unmapped (``unmap``) or covered by overlays; ``close()`` unmaps what
@@ -97,8 +118,18 @@ class Mapping:
         self.length = length
         self.writable = writable
         self.inherit = inherit
-        self._pieces = 0
+        self._pieces = 1
+        """How many pieces of it the books hold (see ``_Segment``): 0 once closed."""
         self._views: ViewTracker | None = None  # made by the first view()
+        self._start = address  # its own first piece, whole and counted
+        self._stop = address + length
+        self._overlay = None
+        self._counted = True
+        self._forkmark = False
+
+    @property
+    def _owner(self) -> Mapping:
+        return self
 
     @property
     def closed(self) -> bool:
@@ -287,7 +318,7 @@ class Mapper(ABC):
         """Put the books back in step: an interrupt (a signal handler's exception) between
         the updates of the two lists leaves them apart (each update changes a length by
         one, so it shows). The segments say what is mapped."""
-        self._starts[:] = [seg.start for seg in self._segments]
+        self._starts[:] = [seg._start for seg in self._segments]
 
     # -- public API --------------------------------------------------------------------
 
@@ -334,9 +365,8 @@ class Mapper(ABC):
             if address is None:  # the hot path, kept short
                 address = self._map_counted(first, last, prot, offset)
                 mapping = Mapping(self, address, offset, length, writable, inherit)
-                mapping._pieces = 1
                 k = bisect_left(self._starts, address)
-                self._segments.insert(k, _Segment(address, address + length, mapping, None))
+                self._segments.insert(k, mapping)
                 self._starts.insert(k, address)
                 self._nmappings += 1
                 return mapping
@@ -346,9 +376,9 @@ class Mapper(ABC):
                 self._check_owned(address, length)
                 replaced = self._pieces(address, address + length)
                 for seg in replaced:
-                    if seg.owner._has_views():
+                    if seg._owner._has_views():
                         raise BufferError(
-                            f"cannot map over {seg.start:#x}: {seg.owner!r} has live views"
+                            f"cannot map over {seg._start:#x}: {seg._owner!r} has live views"
                         )
             self._gain(pages)
             try:
@@ -358,7 +388,9 @@ class Mapper(ABC):
                 raise
             mapping = Mapping(self, address, offset, length, writable, inherit)
             lost = self._forget(replaced) if replaced else None
-            self._insert(_Segment(address, address + length, mapping, None))
+            k = bisect_left(self._starts, address)
+            self._segments.insert(k, mapping)
+            self._starts.insert(k, address)
             self._nmappings += 1
             if lost:
                 self._lose(lost)
@@ -430,10 +462,10 @@ class Mapper(ABC):
                 pieces = self._pieces(address, address + length)
                 if not writable and not under_writable_views:
                     for seg in pieces:
-                        if seg.owner._has_writable_views():
+                        if seg._owner._has_writable_views():
                             raise BufferError(
-                                f"cannot lay a read-only overlay at {seg.start:#x}: "
-                                f"{seg.owner!r} has live writable views, and a write through "
+                                f"cannot lay a read-only overlay at {seg._start:#x}: "
+                                f"{seg._owner!r} has live writable views, and a write through "
                                 "one there would kill the process (SIGSEGV); drop the views, "
                                 "or pass writable=True, or under_writable_views=True if "
                                 "nothing writes there"
@@ -444,17 +476,17 @@ class Mapper(ABC):
                 # read-only file does (a view then writable: a write, SIGSEGV). Before the
                 # mmap, they say an overlay lies on our pages: views read-only, counts kept
                 # (an over-count, never a page freed under a mapping).
-                before = [(seg, seg.overlay, seg.forkmark) for seg in pieces]
+                before = [(seg, seg._overlay, seg._forkmark) for seg in pieces]
                 lost: list[PageRange] = []
                 for seg in pieces:
-                    seg.forkmark = False  # a new VMA
-                    if seg.overlay is None:
-                        if seg.counted:
+                    seg._forkmark = False  # a new VMA
+                    if seg._overlay is None:
+                        if seg._counted:
                             lost.append(self._seg_pages(seg))
                     else:
-                        seg.overlay._pieces -= 1
-                        self._discard_overlay(seg.overlay)
-                    seg.overlay = overlay
+                        seg._overlay._pieces -= 1
+                        self._discard_overlay(seg._overlay)
+                    seg._overlay = overlay
                     overlay._pieces += 1
                 self._overlays.add(overlay)
                 try:
@@ -487,8 +519,8 @@ class Mapper(ABC):
         return offset, length
 
     def _seg_pages(self, seg: _Segment) -> PageRange:
-        offset = seg.owner.offset_of(seg.start)
-        return offset // self.page_size, (offset + seg.stop - seg.start) // self.page_size
+        offset = seg._owner.offset_of(seg._start)
+        return offset // self.page_size, (offset + seg._stop - seg._start) // self.page_size
 
     def _check_owned(self, address: int, length: int) -> None:
         """ValueError unless every byte of the range is in this object's segments."""
@@ -499,14 +531,14 @@ class Mapper(ABC):
             if (
                 k < 0
                 or k >= len(self._segments)
-                or self._segments[k].stop <= pos
-                or self._segments[k].start > pos
+                or self._segments[k]._stop <= pos
+                or self._segments[k]._start > pos
             ):
                 raise ValueError(
                     f"address range [{address:#x}, {stop:#x}) is not all mapped by "
                     f"{self!r}: nothing of it at {pos:#x}"
                 )
-            pos = self._segments[k].stop
+            pos = self._segments[k]._stop
             k += 1
 
     def _cut(self, address: int) -> None:
@@ -515,16 +547,16 @@ class Mapper(ABC):
         if k < 0:
             return
         seg = self._segments[k]
-        if not seg.start < address < seg.stop:
+        if not seg._start < address < seg._stop:
             return
-        tail = _Segment(address, seg.stop, seg.owner, seg.overlay, seg.counted)
-        tail.forkmark = seg.forkmark
-        seg.stop = address
+        tail = _Piece(address, seg._stop, seg._owner, seg._overlay, seg._counted)
+        tail._forkmark = seg._forkmark
+        seg._stop = address
         self._segments.insert(k + 1, tail)
         self._starts.insert(k + 1, address)
-        seg.owner._pieces += 1
-        if seg.overlay is not None:
-            seg.overlay._pieces += 1
+        seg._owner._pieces += 1
+        if seg._overlay is not None:
+            seg._overlay._pieces += 1
 
     def _pieces(self, start: int, stop: int) -> list[_Segment]:
         """The segments exactly covering ``[start, stop)`` (owned), cut at its edges."""
@@ -532,31 +564,25 @@ class Mapper(ABC):
         self._cut(stop)
         return self._segments[bisect_left(self._starts, start) : bisect_left(self._starts, stop)]
 
-    def _insert(self, seg: _Segment) -> None:
-        k = bisect_left(self._starts, seg.start)
-        self._segments.insert(k, seg)
-        self._starts.insert(k, seg.start)
-        seg.owner._pieces += 1
-
     def _forget(self, pieces: list[_Segment]) -> list[PageRange]:
         """Drop contiguous ``pieces`` from the books; returns the counted pages they held."""
         if not pieces:
             return []
-        k = bisect_left(self._starts, pieces[0].start)
+        k = bisect_left(self._starts, pieces[0]._start)
         if k == len(self._segments) or self._segments[k] is not pieces[0]:
             return []  # forgotten already (an interrupt's clean-up may come after it)
         del self._segments[k : k + len(pieces)]
         del self._starts[k : k + len(pieces)]
         lost: list[PageRange] = []
         for seg in pieces:
-            if seg.overlay is None:
-                if seg.counted:
+            if seg._overlay is None:
+                if seg._counted:
                     lost.append(self._seg_pages(seg))
             else:
-                seg.overlay._pieces -= 1
-                self._discard_overlay(seg.overlay)
-            seg.owner._pieces -= 1
-            if seg.owner._pieces == 0:
+                seg._overlay._pieces -= 1
+                self._discard_overlay(seg._overlay)
+            seg._owner._pieces -= 1
+            if seg._owner._pieces == 0:
                 self._nmappings -= 1
         return lost
 
@@ -569,7 +595,7 @@ class Mapper(ABC):
         self._overlays.discard(overlay)
         overlay._pieces = 0
         for seg, old, forkmark in before:
-            seg.overlay, seg.forkmark = old, forkmark
+            seg._overlay, seg._forkmark = old, forkmark
             if old is not None:
                 old._pieces += 1
                 self._overlays.add(old)
@@ -579,7 +605,7 @@ class Mapper(ABC):
         the process could run out of mappings part way (vm.max_map_count): so that the
         refusal changes nothing."""
         plans = [self._calls(start, stop) for start, stop in spans]
-        calls = [(g[0].start, g[-1].stop, viewed) for plan in plans for g, viewed in plan]
+        calls = [(g[0]._start, g[-1]._stop, viewed) for plan in plans for g, viewed in plan]
         if len(calls) > 1:
             _checks.room_for_calls(calls)
         for plan in plans:
@@ -590,8 +616,8 @@ class Mapper(ABC):
         a quarantine (True) where mappings have live views, a munmap elsewhere."""
         calls: list[tuple[list[_Segment], bool]] = []
         for seg in self._pieces(start, stop):
-            viewed = seg.owner._has_views()
-            if calls and calls[-1][1] == viewed and calls[-1][0][-1].stop == seg.start:
+            viewed = seg._owner._has_views()
+            if calls and calls[-1][1] == viewed and calls[-1][0][-1]._stop == seg._start:
                 calls[-1][0].append(seg)
             else:
                 calls.append(([seg], viewed))
@@ -612,7 +638,7 @@ class Mapper(ABC):
         may not be mapped any more), its count kept (an over-count frees no page)."""
         try:
             for group, viewed in calls:
-                first, length = group[0].start, group[-1].stop - group[0].start
+                first, length = group[0]._start, group[-1]._stop - group[0]._start
                 calling = group
                 try:
                     if viewed:
@@ -626,9 +652,9 @@ class Mapper(ABC):
                 calling = []  # there would stop it (the count can wait: an over-count)
                 if viewed:  # each mapping keeps its piece until its last view dies
                     unheld += [
-                        (s.start, s.stop - s.start)
+                        (s._start, s._stop - s._start)
                         for s in group
-                        if not s.owner._hold(s.start, s.stop - s.start)
+                        if not s._owner._hold(s._start, s._stop - s._start)
                     ]
         finally:
             if calling:
@@ -665,13 +691,13 @@ class Mapper(ABC):
         self._in_step()  # (whatever the lengths say: or this loop might never end)
         while self._segments:
             first = self._segments[0]
-            stop = first.stop
+            stop = first._stop
             for seg in self._segments[1:]:
-                if seg.start != stop:
+                if seg._start != stop:
                     break
-                stop = seg.stop
+                stop = seg._stop
             left = len(self._segments)
-            self._unmap_owned(first.start, stop)
+            self._unmap_owned(first._start, stop)
             if len(self._segments) >= left:  # (a bug, not a state to spin in)
                 raise RuntimeError(f"unmapping {first!r} of {self!r} left it in the books")
         unheld, self._unreleased = self._unreleased, []
@@ -686,11 +712,11 @@ class Mapper(ABC):
                 self._in_step()
             lo = bisect_left(self._starts, mapping.address)
             hi = bisect_left(self._starts, mapping.address + mapping.length)
-            mine = [seg for seg in self._segments[lo:hi] if seg.owner is mapping]
-            if sum(seg.stop - seg.start for seg in mine) != mapping.length:
+            mine = [seg for seg in self._segments[lo:hi] if seg._owner is mapping]
+            if sum(seg._stop - seg._start for seg in mine) != mapping.length:
                 raise ValueError(f"{mapping!r} is not wholly mapped any more: no view of it")
             read_only_overlay = any(
-                seg.overlay is not None and not seg.overlay.writable for seg in mine
+                seg._overlay is not None and not seg._overlay.writable for seg in mine
             )
             if mapping._views is None:
                 mapping._views = ViewTracker()
@@ -713,10 +739,10 @@ class Mapper(ABC):
                 k = bisect_left(self._starts, mapping.address)
                 seg = self._segments[k]
                 if (
-                    seg.owner is mapping
-                    and seg.overlay is None
-                    and seg.counted
-                    and seg.stop - seg.start == mapping.length
+                    seg is mapping
+                    and seg._overlay is None
+                    and seg._counted
+                    and seg._stop - seg._start == mapping.length
                 ):
                     # The books first: an interrupt (a signal handler's exception) after
                     # the munmap and before them would leave a range in them that the
@@ -724,10 +750,10 @@ class Mapper(ABC):
                     del self._segments[k]
                     del self._starts[k]
                     try:
-                        _libc.munmap(seg.start, mapping.length)
+                        _libc.munmap(seg._start, mapping.length)
                     except OSError as e:
                         self._segments.insert(k, seg)
-                        self._starts.insert(k, seg.start)
+                        self._starts.insert(k, seg._start)
                         raise _checks.max_map_count_hint(e) from None
                     mapping._pieces = 0
                     self._nmappings -= 1
@@ -738,12 +764,12 @@ class Mapper(ABC):
             hi = bisect_left(self._starts, mapping.address + mapping.length)
             spans: list[list[int]] = []
             for seg in self._segments[lo:hi]:
-                if seg.owner is not mapping:
+                if seg._owner is not mapping:
                     continue
-                if spans and spans[-1][1] == seg.start:
-                    spans[-1][1] = seg.stop
+                if spans and spans[-1][1] == seg._start:
+                    spans[-1][1] = seg._stop
                 else:
-                    spans.append([seg.start, seg.stop])
+                    spans.append([seg._start, seg._stop])
             self._unmap_spans([(start, stop) for start, stop in spans])
 
     def _release_overlay(self, overlay: Overlay) -> None:
@@ -755,26 +781,26 @@ class Mapper(ABC):
             lo = bisect_left(self._starts, overlay.address)
             hi = bisect_left(self._starts, overlay.address + overlay.length)
             for seg in self._segments[lo:hi]:
-                if seg.overlay is not overlay:
+                if seg._overlay is not overlay:
                     continue
-                owner = seg.owner
+                owner = seg._owner
                 prot = _libc.PROT_READ | (_libc.PROT_WRITE if owner.writable else 0)
                 pages = [self._seg_pages(seg)]
                 self._gain(pages)
                 try:
                     self._mmap(
-                        seg.start,
-                        seg.stop - seg.start,
+                        seg._start,
+                        seg._stop - seg._start,
                         prot,
                         _libc.MAP_SHARED | _libc.MAP_FIXED,
-                        owner.offset_of(seg.start),
+                        owner.offset_of(seg._start),
                     )
                 except OSError:  # not an interrupt: the mapping may be there
                     self._give_back(pages)
                     raise
-                seg.overlay = None
-                seg.counted = True
-                seg.forkmark = False
+                seg._overlay = None
+                seg._counted = True
+                seg._forkmark = False
                 overlay._pieces -= 1
             self._discard_overlay(overlay)
 
@@ -791,26 +817,26 @@ class Mapper(ABC):
         """
         runs: list[list[_Segment]] = []
         for seg in self._segments:
-            if seg.owner.inherit or seg.forkmark:
+            if seg._owner.inherit or seg._forkmark:
                 continue
-            if runs and runs[-1][-1].stop == seg.start:
+            if runs and runs[-1][-1]._stop == seg._start:
                 runs[-1].append(seg)  # neighbours: one call
             else:
                 runs.append([seg])
         for run in runs:
             try:
-                _libc.madvise(run[0].start, run[-1].stop - run[0].start, _libc.MADV_DONTFORK)
+                _libc.madvise(run[0]._start, run[-1]._stop - run[0]._start, _libc.MADV_DONTFORK)
             except OSError:
                 continue
             for seg in run:
-                seg.forkmark = True
+                seg._forkmark = True
 
     def _inherited_pages(self) -> list[PageRange]:
         """The counted pages of inherited mappings (a child gets these)."""
         return [
             self._seg_pages(s)
             for s in self._segments
-            if s.owner.inherit and s.overlay is None and s.counted
+            if s._owner.inherit and s._overlay is None and s._counted
         ]
 
     def _drop_uninherited(self, everything: bool = False) -> list[PageRange]:
@@ -820,12 +846,12 @@ class Mapper(ABC):
         Their views, copied with the heap, would point at nothing: quarantine them.
         """
         lost: list[PageRange] = []
-        for seg in [s for s in self._segments if everything or not s.owner.inherit]:
-            k = bisect_left(self._starts, seg.start)
+        for seg in [s for s in self._segments if everything or not s._owner.inherit]:
+            k = bisect_left(self._starts, seg._start)
             if k == len(self._segments) or self._segments[k] is not seg:
                 continue  # forgotten meanwhile (by a nested fork's child, running this too)
-            if not seg.owner._retire(seg.start, seg.stop - seg.start) and not seg.forkmark:
+            if not seg._owner._retire(seg._start, seg._stop - seg._start) and not seg._forkmark:
                 with contextlib.suppress(OSError):  # MADV_DONTFORK failed: unmap our copy
-                    _libc.munmap(seg.start, seg.stop - seg.start)
+                    _libc.munmap(seg._start, seg._stop - seg._start)
             lost += self._forget([seg])
         return lost

@@ -77,7 +77,6 @@ OVERLAY_FUNCTIONS = (
     Mapper._make_calls,
     Mapper._forget,
     Mapper._cut,
-    Mapper._insert,
     Mapper._discard_overlay,
     Mapper._close_mapping,
     SharedAnon._gain,

@@ -80,7 +80,7 @@ def _interrupted(anon: devanon.Anon, code: CodeType, line: int, viewed: bool) ->
     for _ in range(3):  # more maps and closes over the same addresses still work
         anon.map(PS, 2 * PS).close()
         assert oracle.stray_segments(anon) == []
-        assert [seg.start for seg in anon._segments] == anon._starts  # in step again
+        assert [seg._start for seg in anon._segments] == anon._starts  # in step again
 
 
 @pytest.mark.parametrize(

@@ -35,7 +35,6 @@ FUNCTIONS = (
     mapper.Mapper._make_calls,
     mapper.Mapper._forget,
     mapper.Mapper._cut,
-    mapper.Mapper._insert,
     mapper.Mapper._discard_overlay,
     mapper.Mapper._unlay,
     mapper.Mapper._close_mapping,
@@ -73,6 +72,6 @@ def test_an_interrupt_in_an_overlay_or_a_pieced_unmap_leaves_the_books_true(
             with contextlib.suppress(ValueError):  # (what the books no longer hold)
                 _scenario(anon, OVERLAY_FILE)
             assert oracle.stray_segments(anon, ident) == []
-            assert [seg.start for seg in anon._segments] == anon._starts
+            assert [seg._start for seg in anon._segments] == anon._starts
     finally:
         _closes(anon)

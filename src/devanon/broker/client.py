@@ -986,5 +986,5 @@ class SharedAnon(Mapper):
         kept = pinned and not self._pin_failed
         self._drop_uninherited(everything=not kept)
         for seg in self._segments:
-            seg.counted = False
+            seg._counted = False
         return kept
