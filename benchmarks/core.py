@@ -7,7 +7,9 @@ the median and the min are reported, ratios are of medians):
 (a) ``map_write_unmap``: ``Anon.map`` + ``ctypes.memset`` of every byte + ``Mapping.close``
     (which unmaps and, the count being 0, punches) for 4 KiB, 2 MiB and 1 GiB, against
     ``mmap(MAP_SHARED)`` of a memfd + the same memset + ``munmap`` + ``fallocate(PUNCH_HOLE)``
-    through ``devanon._libc``. Targets: devanon/raw <= 1.5 at 4 KiB, <= 1.1 at 1 GiB.
+    through ctypes (``_raw``: what Python offers without devanon). Targets: devanon/raw
+    <= 1.5 at 4 KiB, <= 1.1 at 1 GiB. Beside it, the same raw calls through devanon's own
+    bindings (cffi, ``devanon._libc``): the ratio to those is devanon's bookkeeping alone.
     At 1 GiB both sides are page faults; in a VM that reports free pages to its host they
     vary from one repetition to the next, so the samples are listed too.
 (b) ``count_update``: ``MapCounts.add`` and ``MapCounts.remove`` of a 1 GiB page range, on
@@ -47,6 +49,7 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+import _raw
 from _common import Json, emit, gc_paused, log, machine, options, us
 
 import devanon
@@ -155,7 +158,17 @@ def devanon_cycle(anon: devanon.Anon, size: int) -> int:
 
 
 def raw_cycle(fd: int, size: int) -> int:
-    """Time the same with the raw syscalls."""
+    """Time the same with the raw syscalls through ctypes (the baseline)."""
+    t0 = time.perf_counter_ns()
+    address = _raw.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
+    ctypes.memset(address, 1, size)
+    _raw.munmap(address, size)
+    _raw.fallocate(fd, PUNCH, 0, size)
+    return time.perf_counter_ns() - t0
+
+
+def ffi_cycle(fd: int, size: int) -> int:
+    """Time the same with the raw syscalls through devanon's bindings (cffi)."""
     t0 = time.perf_counter_ns()
     address = _libc.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
     ctypes.memset(address, 1, size)
@@ -173,20 +186,24 @@ def bench_map_write_unmap(cfg: Config) -> Json:
         fd = raw_memfd(size)
         try:
             with devanon.Anon(size, name="bench-devanon") as anon, gc_paused():
-                timers = [partial(devanon_cycle, anon, size), partial(raw_cycle, fd, size)]
+                timers = [
+                    partial(devanon_cycle, anon, size),
+                    partial(raw_cycle, fd, size),
+                    partial(ffi_cycle, fd, size),
+                ]
                 if size < cfg.big:
                     interleave(max(1, reps // 10), *timers)  # warm-up
                 else:
                     # Warm the pages the kernel will hand out: under free page reporting,
                     # pages long free fault in the host too.
                     raw_cycle(fd, size)
-                dev, raw = interleave(reps, *timers)
+                dev, raw, ffi = interleave(reps, *timers)
                 left = anon.resident_bytes(), resident(fd)
         finally:
             os.close(fd)
         if left != (0, 0):
             raise AssertionError(f"{size_label(size)}: bytes left after punch: {left}")
-        (dev_us, dev_min), (raw_us, raw_min) = us(dev), us(raw)
+        (dev_us, dev_min), (raw_us, raw_min), (ffi_us, ffi_min) = us(dev), us(raw), us(ffi)
         ratio = dev_us / raw_us
         target = targets.get(size)
         rows.append(
@@ -202,15 +219,19 @@ def bench_map_write_unmap(cfg: Config) -> Json:
                 "ratio_of_mins": round(dev_min / raw_min, 3),
                 "target": None if target is None else f"ratio <= {target}",
                 "ok": None if target is None else ratio <= target,
+                "raw_cffi_us": round(ffi_us, 2),
+                "raw_cffi_min_us": round(ffi_min, 2),
+                "ratio_to_raw_cffi": round(dev_us / ffi_us, 3),
             }
         )
         if size == cfg.big:
-            rows[-1]["samples_ms"] = samples_ms(devanon=dev, raw=raw)
+            rows[-1]["samples_ms"] = samples_ms(devanon=dev, raw=raw, raw_cffi=ffi)
     return {
         "what": "map + ctypes.memset of every byte + unmap + punch; devanon: Anon.map, "
-        "Mapping.close; raw: _libc.mmap(MAP_SHARED) of a memfd, munmap, one "
-        "fallocate(PUNCH_HOLE). devanon makes the same syscalls (MADV_DONTFORK waits for a "
-        "fork)",
+        "Mapping.close; raw (the baseline): mmap(MAP_SHARED) of a memfd, munmap, one "
+        "fallocate(PUNCH_HOLE) through ctypes; raw_cffi: the same calls through devanon's "
+        "own bindings (devanon._libc, cffi), so ratio_to_raw_cffi is devanon's bookkeeping "
+        "alone. devanon makes the same syscalls (MADV_DONTFORK waits for a fork)",
         "sizes": rows,
     }
 
@@ -334,13 +355,13 @@ def devanon_release(anon: devanon.Anon, size: int) -> int:
 
 def raw_release(fd: int, size: int) -> int:
     """Map and write ``size`` bytes; time only munmap + one fallocate punch."""
-    address = _libc.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
+    address = _raw.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
     ctypes.memset(address, 1, size)
     if resident(fd) != size:
         raise AssertionError("raw: the write did not populate the file")
     t0 = time.perf_counter_ns()
-    _libc.munmap(address, size)
-    _libc.fallocate(fd, PUNCH, 0, size)
+    _raw.munmap(address, size)
+    _raw.fallocate(fd, PUNCH, 0, size)
     return time.perf_counter_ns() - t0
 
 

@@ -91,7 +91,6 @@ def test_an_anon_whose_fallocate_fails_frees_an_unmapped_page_by_madv_remove(
 ) -> None:
     """An unmap's one-call punch (``_libc.punch_hole``) failing takes the fallback, as
     ``punch_hole`` does: the page is freed all the same (SEEK_DATA, st_blocks)."""
-    import ctypes
     import errno
 
     from devanon import _libc
@@ -100,7 +99,7 @@ def test_an_anon_whose_fallocate_fails_frees_an_unmapped_page_by_madv_remove(
 
     def no_punch(fd: int, mode: int, offset: int, length: int) -> int:
         failed.append(offset)
-        ctypes.set_errno(errno.EOPNOTSUPP)
+        _libc._ffi.errno = errno.EOPNOTSUPP  # where the C call leaves it
         return -1
 
     with devanon.Anon(4 * PS) as mem:
