@@ -56,7 +56,10 @@ _MAP_FAILED: Final = int(_ffi.cast("uintptr_t", -1))
 _mmap = _c.mmap
 _munmap = _c.munmap
 _madvise = _c.madvise
-_fallocate = _c.fallocate64
+fallocate_status = _c.fallocate64
+"""fallocate(2) as C has it, no Python wrapper: 0, or -1 with the error in ``_ffi.errno``.
+For the hot path of an unmap (``devanon.punch.punch_one``), where each Python call costs a
+measurable share; everything else calls ``fallocate``."""
 _mincore = _c.mincore
 _getsockopt = _c.getsockopt
 _memmove = ctypes.memmove
@@ -92,20 +95,12 @@ def madvise(address: int, length: int, advice: int) -> None:
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2)."""
-    if _fallocate(fd, mode, offset, length) != 0:
+    if fallocate_status(fd, mode, offset, length) != 0:
         raise _fail(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
 
 
 PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 """fallocate(2)'s mode that frees a range and keeps the file's size: a punch."""
-
-
-def punch_hole(fd: int, offset: int, length: int) -> int:
-    """fallocate(2) with ``PUNCH_HOLE``: 0, or -1 where it failed (no exception: the
-    caller, ``devanon.punch.punch_one`` on an unmap's hot path, then takes
-    ``devanon.punch.punch_range``, which tries again and explains, or falls back)."""
-    status: int = _fallocate(fd, PUNCH_HOLE, offset, length)
-    return status
 
 
 def getsockopt(fd: int, level: int, option: int, room: int) -> tuple[bytes, int]:

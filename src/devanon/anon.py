@@ -245,7 +245,7 @@ class Anon(Mapper):
     def _map_counted(self, first: int, last: int, prot: int, offset: int) -> int:
         if self._fork.is_child:
             self._refuse_in_child()
-        self._counts.change(first, last, 1)
+        self._counts.change_ints(first, last, 1)
         try:
             return _libc.mmap(
                 0, (last - first) * self.page_size, prot, _libc.MAP_SHARED, self.fd, offset
@@ -262,7 +262,7 @@ class Anon(Mapper):
         )
 
     def _lose_one(self, first: int, last: int) -> None:
-        zeros = self._counts.change(first, last, -1)
+        zeros = self._counts.change_ints(first, last, -1)
         if zeros and not self._closing and not self._fork.is_child:
             ps = self.page_size
             for a, b in zeros:  # sorted, and never touching: runs of one range

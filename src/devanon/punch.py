@@ -119,7 +119,7 @@ def punch_one(fd: int, offset: int, length: int, name: str = "") -> int:
     """``punch_range`` in one ``fallocate`` where it can (a range up to ``PUNCH_BATCH`` on
     a filesystem that punches): the hot path of an unmap, where each Python call costs a
     measurable share. Returns the calls made (a failed first try is not counted)."""
-    if length <= PUNCH_BATCH and not _libc.punch_hole(fd, offset, length):
+    if length <= PUNCH_BATCH and not _libc.fallocate_status(fd, _libc.PUNCH_HOLE, offset, length):
         return 1
     return punch_range(fd, offset, length, name)
 

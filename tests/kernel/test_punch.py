@@ -89,7 +89,7 @@ def test_where_fallocate_cannot_punch_madv_remove_frees_the_range(
 def test_an_anon_whose_fallocate_fails_frees_an_unmapped_page_by_madv_remove(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """An unmap's one-call punch (``_libc.punch_hole``) failing takes the fallback, as
+    """An unmap's one-call punch (``_libc.fallocate_status``) failing takes the fallback, as
     ``punch_hole`` does: the page is freed all the same (SEEK_DATA, st_blocks)."""
     import errno
 
@@ -106,7 +106,7 @@ def test_an_anon_whose_fallocate_fails_frees_an_unmapped_page_by_madv_remove(
         kept, gone = mem.map(0, PS), mem.map(2 * PS, PS)
         kept.view()[:] = b"k" * PS
         gone.view()[:] = b"g" * PS
-        monkeypatch.setattr(_libc, "_fallocate", no_punch)
+        monkeypatch.setattr(_libc, "fallocate_status", no_punch)
         gone.close()
         assert failed == [2 * PS, 2 * PS]  # the one call, then punch_range's
         assert oracle.data_pages(mem.fd, 4 * PS, PS) == {0}
@@ -121,7 +121,7 @@ def test_a_big_release_is_punched_128_mib_at_a_time(monkeypatch: pytest.MonkeyPa
     from devanon import _libc
 
     calls: list[tuple[int, int]] = []
-    real = _libc._fallocate  # (the ctypes function: every punch goes through it)
+    real = _libc.fallocate_status  # (the C function: every punch goes through it)
 
     def watched(fd: int, mode: int, offset: int, length: int) -> int:
         calls.append((offset, length))
@@ -133,7 +133,7 @@ def test_a_big_release_is_punched_128_mib_at_a_time(monkeypatch: pytest.MonkeyPa
         for offset in range(0, 1 << 30, 64 << 20):
             whole.view()[offset] = 1
         other = mem.map(0, 2 * PS)
-        monkeypatch.setattr(_libc, "_fallocate", watched)
+        monkeypatch.setattr(_libc, "fallocate_status", watched)
         whole.close()
         assert calls[0] == (2 * PS, 128 << 20)
         assert all(length <= 128 << 20 for _, length in calls)

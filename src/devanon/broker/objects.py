@@ -174,8 +174,8 @@ class SharedObject:
         holder = self.holders.get(client)
         if holder is None:
             holder = self.holders[client] = MapCounts(self.counts.npages)
-        holder.change(first, last, 1)
-        self.counts.change(first, last, 1)
+        holder.change_ints(first, last, 1)  # (ints: page_range made them)
+        self.counts.change_ints(first, last, 1)
 
     def unmap_one(self, client: int, first: int, last: int) -> None:
         """Drop one range of ``client``'s counts (ValueError, changing nothing, if it does
@@ -187,7 +187,7 @@ class SharedObject:
         runs, dense = holder.nruns(), holder.ndense()
         was_dense = holder.dense_edges(first, last) if dense else set()
         try:
-            holder.change(first, last, -1)
+            holder.change_ints(first, last, -1)
         except ValueError as e:
             raise ValueError(f"{self.name!r}: this client does not map that: {e}") from None
         if holder.nruns() > runs or holder.ndense() > dense:  # (else it cannot be too far)
@@ -195,7 +195,7 @@ class SharedObject:
             if refused is not None:
                 _add_back(holder, [(first, last)], was_dense)
                 raise refused
-        zeros = self.counts.change(first, last, -1)
+        zeros = self.counts.change_ints(first, last, -1)
         if zeros:
             self.punch(zeros)
 
