@@ -101,35 +101,42 @@ class MapCounts:
         The hot path of a map and an unmap: the common case, a range that lies inside one
         run or is one, is done here without a further call (each call, and each check,
         costs a measurable share of a 4 KiB map)."""
-        starts, counts = self._starts, self._counts
-        if not (0 <= start < stop <= self.npages and delta):
-            return self._change_spanning(start, stop, delta)  # which says what is wrong
+        starts = self._starts
         k = bisect_right(starts, start) - 1
         nxt = k + 1
         before = len(starts)
         end = starts[nxt] if nxt < before else self.npages
+        counts = self._counts
         old = counts[k]
-        if stop > end or old < 0:  # spans runs, or lies in a dense chunk
+        if not (0 <= start < stop <= end and old >= 0 and delta):
+            # Out of range (``_check`` says so), spanning runs, or in a dense chunk.
             return self._change_spanning(start, stop, delta)
         new = old + delta
         if new < 0:
             raise ValueError(f"page {start} is not mapped {-delta} times (its count is {old})")
         zeros = [(start, stop)] if new == 0 else []
-        inner_left = starts[k] < start
-        if stop < end:  # a new run starts at stop, with the old count
-            starts.insert(nxt, stop)
-            counts.insert(nxt, old)
-        elif nxt < len(starts) and counts[nxt] == new:  # merge with the right neighbour
-            del starts[nxt]
-            del counts[nxt]
-        if inner_left:  # a new run starts at start, with the new count
-            starts.insert(nxt, start)
-            counts.insert(nxt, new)
-        else:
+        if starts[k] == start:
+            if stop < end:  # the run's head: its tail keeps the old count
+                starts.insert(nxt, stop)
+                counts.insert(nxt, old)
+            elif nxt < before and counts[nxt] == new:  # all of it: merge on the right
+                del starts[nxt]
+                del counts[nxt]
             counts[k] = new
-            if k > 0 and counts[k - 1] == new:  # merge with the left neighbour
+            if k > 0 and counts[k - 1] == new:  # merge on the left
                 del starts[k]
                 del counts[k]
+            if stop == end:
+                return zeros  # (no new run)
+        else:
+            if stop < end:  # the run's middle: a run at stop with the old count
+                starts.insert(nxt, stop)
+                counts.insert(nxt, old)
+            elif nxt < before and counts[nxt] == new:  # its tail: merge on the right
+                del starts[nxt]
+                del counts[nxt]
+            starts.insert(nxt, start)
+            counts.insert(nxt, new)
         after = len(starts)
         if after > before and after > self._densify_at:  # only new runs can tip a chunk
             self._maybe_densify(start, stop)
