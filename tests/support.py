@@ -22,21 +22,27 @@ needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (CI runs as root
 
 
 def interrupt_after_next_mmap(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the next ``_libc.mmap`` succeed, then SIGINT this process: KeyboardInterrupt
-    comes just after the mapping exists, before its caller has its address."""
+    """Make the next ``_libc.mmap`` (or ``mmap_status``, the hot path's) succeed, then
+    SIGINT this process: KeyboardInterrupt comes just after the mapping exists, before its
+    caller has its address."""
     import signal
 
     from devanon import _libc
 
-    real_mmap = _libc.mmap
+    real = {name: getattr(_libc, name) for name in ("mmap", "mmap_status")}
 
-    def mmap_then_sigint(*args: int) -> int:
-        monkeypatch.setattr(_libc, "mmap", real_mmap)
-        address = real_mmap(*args)
-        os.kill(os.getpid(), signal.SIGINT)
-        return address
+    def patched(name: str) -> Callable[..., int]:
+        def mmap_then_sigint(*args: int) -> int:
+            for each, function in real.items():
+                monkeypatch.setattr(_libc, each, function)
+            address: int = real[name](*args)
+            os.kill(os.getpid(), signal.SIGINT)
+            return address
 
-    monkeypatch.setattr(_libc, "mmap", mmap_then_sigint)
+        return mmap_then_sigint
+
+    for name in real:
+        monkeypatch.setattr(_libc, name, patched(name))
 
 
 def interrupt_once(

@@ -7,7 +7,9 @@ budget of about 10 us of Python). ctypes stays for what it does best: a buffer o
 memory (``memory_at``, what views export) and ``copy``.
 
 Every function checks the result and raises ``OSError(errno, message)`` naming the call and
-its arguments. Nothing above this module sees a raw return code.
+its arguments, except the three ``*_status`` ones: the C functions themselves, for the hot
+paths of map and unmap (where one more Python call costs a measurable share of a 4 KiB
+cycle). Their callers compare the result with ``MAP_FAILED`` or 0 and raise ``error(...)``.
 
 Some facts about the calls (the code above only makes sense once you know them):
 
@@ -51,30 +53,32 @@ FALLOC_FL_KEEP_SIZE: Final = 0x01
 FALLOC_FL_PUNCH_HOLE: Final = 0x02
 
 _c: Any = _ffi.dlopen(None)  # the C library this process has loaded already
-_MAP_FAILED: Final = int(_ffi.cast("uintptr_t", -1))
+MAP_FAILED: Final = int(_ffi.cast("uintptr_t", -1))
 
-_mmap = _c.mmap
-_munmap = _c.munmap
+mmap_status = _c.mmap
+"""mmap(2) as C has it: the address, or ``MAP_FAILED`` (then raise ``error``)."""
+munmap_status = _c.munmap
+"""munmap(2) as C has it: 0, or -1 (then raise ``error``)."""
 _madvise = _c.madvise
 fallocate_status = _c.fallocate64
-"""fallocate(2) as C has it, no Python wrapper: 0, or -1 with the error in ``_ffi.errno``.
-For the hot path of an unmap (``devanon.punch.punch_one``), where each Python call costs a
-measurable share; everything else calls ``fallocate``."""
+"""fallocate(2) as C has it: 0, or -1 (then raise ``error``, or, as ``punch.punch_one``,
+take the way that explains)."""
 _mincore = _c.mincore
 _getsockopt = _c.getsockopt
 _memmove = ctypes.memmove
 
 
-def _fail(call: str) -> OSError:
+def error(call: str) -> OSError:
+    """The OSError of the C call that just failed in this thread (its errno), naming it."""
     err = _ffi.errno
     return OSError(err, f"{call}: {os.strerror(err)}")
 
 
 def mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     """mmap(2); returns the address of the new mapping."""
-    result: int = _mmap(address, length, prot, flags, fd, offset)
-    if result == _MAP_FAILED:
-        raise _fail(
+    result: int = mmap_status(address, length, prot, flags, fd, offset)
+    if result == MAP_FAILED:
+        raise error(
             f"mmap(address={address:#x}, length={length:#x}, prot={prot:#x}, "
             f"flags={flags:#x}, fd={fd}, offset={offset:#x})"
         )
@@ -83,20 +87,20 @@ def mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int)
 
 def munmap(address: int, length: int) -> None:
     """munmap(2)."""
-    if _munmap(address, length) != 0:
-        raise _fail(f"munmap(address={address:#x}, length={length:#x})")
+    if munmap_status(address, length) != 0:
+        raise error(f"munmap(address={address:#x}, length={length:#x})")
 
 
 def madvise(address: int, length: int, advice: int) -> None:
     """madvise(2)."""
     if _madvise(address, length, advice) != 0:
-        raise _fail(f"madvise(address={address:#x}, length={length:#x}, advice={advice})")
+        raise error(f"madvise(address={address:#x}, length={length:#x}, advice={advice})")
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
     """fallocate(2)."""
     if fallocate_status(fd, mode, offset, length) != 0:
-        raise _fail(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
+        raise error(f"fallocate(fd={fd}, mode={mode:#x}, offset={offset:#x}, length={length:#x})")
 
 
 PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
@@ -114,14 +118,14 @@ def getsockopt(fd: int, level: int, option: int, room: int) -> tuple[bytes, int]
         return value, 0
     if _ffi.errno == errno.ERANGE and size[0] > room:
         return b"", size[0]
-    raise _fail(f"getsockopt(fd={fd}, level={level}, option={option}, room={room})")
+    raise error(f"getsockopt(fd={fd}, level={level}, option={option}, room={room})")
 
 
 def mincore(address: int, length: int, page_size: int) -> bytes:
     """mincore(2): one byte per page, bit 0 set where the page is resident."""
     out = _ffi.new("unsigned char[]", (length + page_size - 1) // page_size)
     if _mincore(address, length, out) != 0:
-        raise _fail(f"mincore(address={address:#x}, length={length:#x})")
+        raise error(f"mincore(address={address:#x}, length={length:#x})")
     vec: bytes = _ffi.buffer(out)[:]
     return vec
 

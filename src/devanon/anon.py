@@ -246,13 +246,13 @@ class Anon(Mapper):
         if self._fork.is_child:
             self._refuse_in_child()
         self._counts.change_ints(first, last, 1)
-        try:
-            return _libc.mmap(
-                0, (last - first) * self.page_size, prot, _libc.MAP_SHARED, self.fd, offset
-            )
-        except OSError as e:
-            self._counts.remove(first, last)  # as _give_back
-            raise self._mmap_error(e) from None
+        length = (last - first) * self.page_size
+        address: int = _libc.mmap_status(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
+        if address != _libc.MAP_FAILED:
+            return address
+        err = _libc.error(f"mmap(length={length:#x}, prot={prot:#x}, offset={offset:#x})")
+        self._counts.remove(first, last)  # as _give_back
+        raise self._mmap_error(err)
 
     def _refuse_in_child(self) -> None:
         raise ValueError(

@@ -749,12 +749,11 @@ class Mapper(ABC):
                     # kernel may hand to someone else, and a later unmap would take it.
                     del self._segments[k]
                     del self._starts[k]
-                    try:
-                        _libc.munmap(seg._start, mapping.length)
-                    except OSError as e:
+                    if _libc.munmap_status(seg._start, mapping.length):
+                        err = _libc.error(f"munmap({seg._start:#x}, {mapping.length:#x})")
                         self._segments.insert(k, seg)
                         self._starts.insert(k, seg._start)
-                        raise _checks.max_map_count_hint(e) from None
+                        raise _checks.max_map_count_hint(err)
                     mapping._pieces = 0
                     self._nmappings -= 1
                     ps = self.page_size
