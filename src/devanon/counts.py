@@ -8,8 +8,12 @@ their reference counts). A map or unmap of any length costs two binary searches 
 two insertions, so a 1 GiB range is as cheap as a page, and an unmapped TiB costs one run.
 ``benchmarks/core.py`` measures this against the per-page loop.
 
-Runs live in two ``array('q')`` (16 bytes a run, no Python object per run). Neighbouring
-runs always differ in count: the set is kept maximally merged.
+Runs live in two ``array('q')`` (16 bytes a run, no Python object per run), or, while
+there are at most ``LIST_RUNS``, in two lists: the interpreter reads and writes a list's
+items in place, where an array's go through the array module and are boxed each time (a
+4 KiB map and unmap cycle: 5% less time, ``benchmarks/core.py``). Numpy works on the
+arrays in place (a change spanning more runs than a list ever holds). Neighbouring runs
+always differ in count: the set is kept maximally merged.
 
 Runs lose where counts change at nearly every page (ubd-mmap laying single-page overlays
 over a guest's memory: 1, 0, 1, 0, ...): 16 bytes a page. So a chunk of ``chunk_pages``
@@ -23,16 +27,24 @@ then (past 65,535) four, or eight.
 from __future__ import annotations
 
 import itertools
+import sys
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeAlias
 
 Dense = array
 """A dense chunk's per-page counts: ``array('B')``, widened to ``'H'`` or ``'I'`` as needed."""
 
 PageRange = tuple[int, int]
 """A half-open range of page indices ``[start, stop)``."""
+
+Runs: TypeAlias = "list[int] | array[int]"
+"""The run starts, or their counts: lists while few, arrays beyond (see the module)."""
+
+LIST_RUNS = 32
+"""The most runs kept in lists: past it they turn into arrays, and back into lists at half.
+Equal to ``_VECTOR_RUNS``, so that a change numpy makes always finds arrays."""
 
 DENSE_CHUNK = 4096
 """Pages in a chunk that may turn dense (16 MiB of 4 KiB pages; 4 KiB of counts)."""
@@ -43,7 +55,16 @@ _RUN_BYTES = 16
 class MapCounts:
     """Per-page map counts over ``npages`` pages, all starting at zero."""
 
-    __slots__ = ("_chunk", "_counts", "_dense", "_densify_at", "_edges", "_starts", "npages")
+    __slots__ = (
+        "_chunk",
+        "_counts",
+        "_dense",
+        "_densify_at",
+        "_edges",
+        "_grown_at",
+        "_starts",
+        "npages",
+    )
 
     def __init__(self, npages: int, *, chunk_pages: int = DENSE_CHUNK) -> None:
         if npages <= 0:
@@ -51,8 +72,8 @@ class MapCounts:
         if chunk_pages < 2:
             raise ValueError(f"chunk_pages must be at least 2, not {chunk_pages!r}")
         self.npages = npages
-        self._starts = array("q", [0])
-        self._counts = array("q", [0])
+        self._starts: Runs = [0]
+        self._counts: Runs = [0]
         self._dense: dict[int, Dense[int]] = {}
         """Chunk index -> the per-page counts of a dense chunk."""
         self._edges: dict[int, int] = {}
@@ -60,6 +81,8 @@ class MapCounts:
         self._chunk = chunk_pages
         self._densify_at = max(2, chunk_pages // _RUN_BYTES)
         """Runs in a chunk beyond which a byte per page takes less memory."""
+        self._grown_at = min(self._densify_at, LIST_RUNS)
+        """Runs beyond which a change that adds runs calls ``_grew``."""
 
     def count(self, page: int) -> int:
         """The count of one page."""
@@ -126,6 +149,8 @@ class MapCounts:
             if k > 0 and counts[k - 1] == new:  # merge on the left
                 del starts[k]
                 del counts[k]
+                if before <= _BACK_TO_LISTS + 2 and type(starts) is not list:
+                    self._settle()
             if stop == end:
                 return zeros  # (no new run)
         else:
@@ -138,9 +163,25 @@ class MapCounts:
             starts.insert(nxt, start)
             counts.insert(nxt, new)
         after = len(starts)
-        if after > before and after > self._densify_at:  # only new runs can tip a chunk
-            self._maybe_densify(start, stop)
+        if after > before and after > self._grown_at:
+            self._grew(start, stop)
         return zeros
+
+    def _grew(self, start: int, stop: int) -> None:
+        """A change of ``[start, stop)`` added runs: a chunk at its edges may be worth
+        making dense (only new runs can tip one), and lists may have to become arrays."""
+        if len(self._starts) > self._densify_at:
+            self._maybe_densify(start, stop)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Lists past ``LIST_RUNS`` runs become arrays; arrays back at half, lists."""
+        n = len(self._starts)
+        if type(self._starts) is list:
+            if n > LIST_RUNS:
+                self._starts, self._counts = array("q", self._starts), array("q", self._counts)
+        elif n <= _BACK_TO_LISTS:
+            self._starts, self._counts = list(self._starts), list(self._counts)
 
     def _change_spanning(self, start: int, stop: int, delta: int) -> list[PageRange]:
         """``change`` of a range that spans runs or touches a dense chunk (or of a wrong
@@ -156,6 +197,7 @@ class MapCounts:
         after = len(self._starts)
         if after > before and after > self._densify_at:  # only new runs can tip a chunk
             self._maybe_densify(start, stop)
+        self._settle()
         return zeros
 
     def _remove_runs(self, start: int, stop: int, n: int) -> list[PageRange]:
@@ -164,7 +206,7 @@ class MapCounts:
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)
         held = counts[first:last]
-        if len(held) > _VECTOR_RUNS:
+        if len(held) > _VECTOR_RUNS and isinstance(held, array):
             import numpy as np
 
             enough = int(np.frombuffer(held, dtype=np.int64).min()) >= n
@@ -225,6 +267,7 @@ class MapCounts:
         ``keep`` (``dense_edges`` before the remove) turn back into runs."""
         for chunk in self.dense_edges(start, stop) - keep:
             self._sparsify(chunk)
+        self._settle()
 
     def _stored_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
         """The stored runs clipped to ``[start, stop)`` (a dense chunk is one)."""
@@ -287,10 +330,11 @@ class MapCounts:
         return len(self._dense)
 
     def nbytes(self) -> int:
-        """Memory the counts take, in bytes (the arrays' buffers)."""
+        """Memory the counts take, in bytes (the arrays' buffers, or the lists' slots and
+        ints, and the dense chunks)."""
         return (
-            self._starts.buffer_info()[1] * self._starts.itemsize
-            + self._counts.buffer_info()[1] * self._counts.itemsize
+            _runs_bytes(self._starts)
+            + _runs_bytes(self._counts)
             + sum(len(d) * d.itemsize for d in self._dense.values())
         )
 
@@ -326,7 +370,7 @@ class MapCounts:
         first = self._split(start)
         last = self._split(stop)
         starts, counts = self._starts, self._counts
-        if last - first > _VECTOR_RUNS:
+        if last - first > _VECTOR_RUNS and isinstance(counts, array):
             zeros = _apply_vectorized(starts, counts, first, last, delta, self.npages)
         else:
             zeros = []
@@ -416,7 +460,7 @@ class MapCounts:
         starts, counts = self._starts, self._counts
         first = bisect_right(starts, start) - 1
         last = bisect_left(starts, stop)
-        if last - first > _VECTOR_RUNS:
+        if last - first > _VECTOR_RUNS and isinstance(counts, array):
             import numpy as np
 
             k = first + int(np.frombuffer(counts, dtype=np.int64)[first:last].argmin())
@@ -492,13 +536,32 @@ class MapCounts:
         del self._edges[chunk]
         starts, counts = self._starts, self._counts
         k = bisect_left(starts, lo)
-        starts[k : k + 1] = array("q", [a for a, _, _ in runs])
-        counts[k : k + 1] = array("q", [c for _, _, c in runs])
+        _splice(starts, k, [a for a, _, _ in runs])
+        _splice(counts, k, [c for _, _, c in runs])
         self._merge_edges(k, k + len(runs))
 
 
-_VECTOR_RUNS = 32
+_VECTOR_RUNS = LIST_RUNS
 """Ranges spanning more runs than this are updated by numpy, not a Python loop."""
+_BACK_TO_LISTS = LIST_RUNS // 2
+"""Arrays of this many runs or fewer turn back into lists."""
+
+
+def _splice(runs: Runs, k: int, values: list[int]) -> None:
+    """``runs[k : k + 1] = values``, in the runs' own kind."""
+    if isinstance(runs, array):
+        runs[k : k + 1] = array("q", values)
+    else:
+        runs[k : k + 1] = values
+
+
+def _runs_bytes(runs: Runs) -> int:
+    """Memory one of the two run sequences takes: an array's items, or a list's slots and
+    its own ints (those from -5 to 256 are the interpreter's, shared)."""
+    if isinstance(runs, array):
+        return runs.buffer_info()[1] * runs.itemsize
+    own = sum(sys.getsizeof(x) for x in runs if not -5 <= x <= 256)
+    return sys.getsizeof(runs) - sys.getsizeof([]) + own
 
 
 _MAX = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF, "Q": 0xFFFF_FFFF_FFFF_FFFF}
@@ -542,9 +605,9 @@ def _changes_at(dense: Dense[int], i: int, j: int) -> int:
     return int(left) + int(right)
 
 
-def _negative(counts: array[int], first: int, last: int) -> list[int]:
+def _negative(counts: Runs, first: int, last: int) -> list[int]:
     """Indices in ``[first, last)`` of the runs that stand for dense chunks."""
-    if last - first <= _VECTOR_RUNS:
+    if last - first <= _VECTOR_RUNS or not isinstance(counts, array):
         return [k for k in range(first, last) if counts[k] < 0]
     import numpy as np
 
@@ -554,7 +617,7 @@ def _negative(counts: array[int], first: int, last: int) -> list[int]:
 
 
 def _apply_vectorized(
-    starts: array[int], counts: array[int], first: int, last: int, delta: int, npages: int
+    starts: Runs, counts: array[int], first: int, last: int, delta: int, npages: int
 ) -> list[PageRange]:
     """``counts[first:last] += delta`` in C; returns the runs that reached zero.
 
@@ -562,6 +625,8 @@ def _apply_vectorized(
     resizes the arrays again (an array refuses to resize while a buffer is exported).
     """
     import numpy as np  # only paid for by big, fragmented ranges
+
+    assert isinstance(starts, array)  # (as counts: more than LIST_RUNS runs)
 
     view = np.frombuffer(counts, dtype=np.int64)[first:last]
     view += delta

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from devanon import counts as counts_module
-from devanon.counts import MapCounts
+from devanon.counts import LIST_RUNS, MapCounts
 
 NPAGES = 2**28  # 1 TiB of 4 KiB pages
 
@@ -234,6 +234,15 @@ class CountsMachine(RuleBasedStateMachine):
         for page in self.probes:
             expected = runs[bisect.bisect_right(starts, page) - 1][2]
             assert self.counts.count(page) == expected, page
+
+    @invariant()
+    def runs_are_lists_while_few(self) -> None:
+        starts, counts = self.counts._starts, self.counts._counts
+        assert type(starts) is type(counts)
+        if isinstance(starts, list):
+            assert len(starts) <= LIST_RUNS
+        else:
+            event("runs in arrays")
 
     @invariant()
     def memory_is_small(self) -> None:
