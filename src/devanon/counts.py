@@ -152,7 +152,7 @@ class MapCounts:
                 if before <= _BACK_TO_LISTS + 2 and type(starts) is not list:
                     self._settle()
             if stop == end:
-                return zeros  # (no new run)
+                return zeros  # (no run added)
         else:
             if stop < end:  # the run's middle: a run at stop with the old count
                 starts.insert(nxt, stop)
@@ -162,17 +162,38 @@ class MapCounts:
                 del counts[nxt]
             starts.insert(nxt, start)
             counts.insert(nxt, new)
-        after = len(starts)
-        if after > before and after > self._grown_at:
-            self._grew(start, stop)
+        if len(starts) > self._grown_at:
+            self._grew(start, stop, k)
         return zeros
 
-    def _grew(self, start: int, stop: int) -> None:
-        """A change of ``[start, stop)`` added runs: a chunk at its edges may be worth
-        making dense (only new runs can tip one), and lists may have to become arrays."""
+    def _grew(self, start: int, stop: int, k: int) -> None:
+        """A change of ``[start, stop)`` added a run next to run ``k`` (the one that held
+        ``start``): the chunk may now be worth making dense (a new run can tip only its
+        own chunk, even where a merge left as many runs in all), and lists may have to
+        become arrays."""
         if len(self._starts) > self._densify_at:
-            self._maybe_densify(start, stop)
+            size = self._chunk
+            chunk = start // size
+            if (stop - 1) // size != chunk:
+                self._maybe_densify(start, stop)
+            elif self._crowded(chunk, k):
+                lo = chunk * size
+                self._densify(chunk, lo, min(lo + size, self.npages))
         self._settle()
+
+    def _crowded(self, chunk: int, k: int) -> bool:
+        """Whether ``chunk``, holding run ``k`` (or ``k + 1``), has more runs than
+        ``_densify_at`` as ``_maybe_densify`` counts them: with one binary search among
+        the runs next to ``k``, not two among all (each map's, once the runs are many).
+
+        The chunk's first run inside it is at most two after ``k``; one more than d
+        before ``k`` would make the chunk crowded however the search cuts it off."""
+        d, starts = self._densify_at, self._starts
+        lo = chunk * self._chunk
+        hi = min(lo + self._chunk, self.npages)
+        n = len(starts)
+        first = bisect_right(starts, lo, max(0, k - d), min(k + 2, n))
+        return first + d - 1 < n and starts[first + d - 1] < hi
 
     def _settle(self) -> None:
         """Lists past ``LIST_RUNS`` runs become arrays; arrays back at half, lists."""
@@ -187,15 +208,13 @@ class MapCounts:
         """``change`` of a range that spans runs or touches a dense chunk (or of a wrong
         one: ``_check`` names it)."""
         self._check(start, stop, delta if type(delta) is not int else abs(delta))
-        before = len(self._starts)
         if self._dense:
             zeros = self._apply_mixed(start, stop, delta)
         elif delta > 0:
             zeros = self._apply(start, stop, delta)
         else:
             zeros = self._remove_runs(start, stop, -delta)
-        after = len(self._starts)
-        if after > before and after > self._densify_at:  # only new runs can tip a chunk
+        if len(self._starts) > self._densify_at:  # (runs added at an edge tip only its chunk)
             self._maybe_densify(start, stop)
         self._settle()
         return zeros

@@ -236,6 +236,18 @@ class CountsMachine(RuleBasedStateMachine):
             assert self.counts.count(page) == expected, page
 
     @invariant()
+    def no_chunk_holds_too_many_runs(self) -> None:
+        """A chunk whose runs would take more memory than its pages' counts is dense."""
+        counts, size = self.counts, self.chunk_pages
+        starts = list(counts._starts)
+        for chunk in {a // size for a in starts}:
+            if chunk in counts._dense:
+                continue
+            lo, hi = chunk * size, min(chunk * size + size, NPAGES)
+            held = bisect.bisect_left(starts, hi) - bisect.bisect_right(starts, lo) + 1
+            assert held <= counts._densify_at, (chunk, held)
+
+    @invariant()
     def runs_are_lists_while_few(self) -> None:
         starts, counts = self.counts._starts, self.counts._counts
         assert type(starts) is type(counts)
@@ -267,6 +279,17 @@ class SmallChunksMachine(CountsMachine):
 
 SmallChunksMachine.TestCase.settings = CountsMachine.TestCase.settings
 TestCountsWithDenseChunks = SmallChunksMachine.TestCase
+
+
+class MidChunksMachine(CountsMachine):
+    """256-page chunks: dense past 16 runs, few enough for the fragment rule to reach,
+    many enough that ``_crowded`` looks before ``_maybe_densify`` counts."""
+
+    chunk_pages = 256
+
+
+MidChunksMachine.TestCase.settings = CountsMachine.TestCase.settings
+TestCountsWithMidChunks = MidChunksMachine.TestCase
 
 
 def test_alternating_counts_turn_dense_and_back() -> None:
