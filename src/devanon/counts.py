@@ -138,39 +138,46 @@ class MapCounts:
         if new < 0:
             raise ValueError(f"page {start} is not mapped {-delta} times (its count is {old})")
         zeros = [(start, stop)] if new == 0 else []
+        right = nxt < before and counts[nxt] == new  # (meaningful where stop == end)
         if starts[k] == start:
-            if stop < end:  # the run's head: its tail keeps the old count
-                starts.insert(nxt, stop)
-                counts.insert(nxt, old)
-            elif nxt < before and counts[nxt] == new:  # all of it: merge on the right
-                del starts[nxt]
-                del counts[nxt]
-            counts[k] = new
-            if k > 0 and counts[k - 1] == new:  # merge on the left
-                del starts[k]
-                del counts[k]
+            left = k > 0 and counts[k - 1] == new
+            if stop == end:  # the whole run: no run added; neighbours may merge
+                if left and right:
+                    del starts[k : nxt + 1]
+                    del counts[k : nxt + 1]
+                elif left or right:
+                    del starts[k if left else nxt]
+                    del counts[k if left else nxt]
+                    counts[k - 1 if left else k] = new
+                else:
+                    counts[k] = new
+                    return zeros
                 if before <= _BACK_TO_LISTS + 2 and type(starts) is not list:
                     self._settle()
-            if stop == end:
-                return zeros  # (no run added)
-        else:
-            if stop < end:  # the run's middle: a run at stop with the old count
+                return zeros
+            if left:  # the head joins the left neighbour: the run now starts at stop
+                starts[k] = stop
+            else:  # the head; the tail keeps the old count
                 starts.insert(nxt, stop)
                 counts.insert(nxt, old)
-            elif nxt < before and counts[nxt] == new:  # its tail: merge on the right
-                del starts[nxt]
-                del counts[nxt]
-            starts.insert(nxt, start)
+                counts[k] = new
+        elif stop == end and right:  # the tail joins the right neighbour
+            starts[nxt] = start
+        else:
+            if stop < end:  # the middle: a run at stop with the old count
+                starts.insert(nxt, stop)
+                counts.insert(nxt, old)
+            starts.insert(nxt, start)  # the tail, or the middle, at the new count
             counts.insert(nxt, new)
-        if len(starts) > self._grown_at:
+        if len(starts) > self._grown_at:  # (a run added, or a boundary moved)
             self._grew(start, stop, k)
         return zeros
 
     def _grew(self, start: int, stop: int, k: int) -> None:
         """A change of ``[start, stop)`` added a run next to run ``k`` (the one that held
-        ``start``): the chunk may now be worth making dense (a new run can tip only its
-        own chunk, even where a merge left as many runs in all), and lists may have to
-        become arrays."""
+        ``start``), or moved a boundary there: the chunk may now be worth making dense (a
+        run can tip only its own chunk, even where the runs in all are as many), and
+        lists may have to become arrays."""
         if len(self._starts) > self._densify_at:
             size = self._chunk
             chunk = start // size
