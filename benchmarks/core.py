@@ -5,7 +5,9 @@ garbage collector paused, devanon and baseline repetitions interleaved in rotati
 the median and the min are reported, ratios are of medians):
 
 (a) ``map_write_unmap``: ``Anon.map`` + ``ctypes.memset`` of every byte + ``Mapping.close``
-    (which unmaps and, the count being 0, punches) for 4 KiB, 2 MiB and 1 GiB, against
+    (which unmaps and, the count being 0, punches) for 4 KiB, 2 MiB and 1 GiB (each in an
+    Anon of its size; then 4 KiB inside a 256 MiB Anon, alone and among 1,000 mappings),
+    against
     ``mmap(MAP_SHARED)`` of a memfd + the same memset + ``munmap`` + ``fallocate(PUNCH_HOLE)``
     through ctypes (``_raw``: what Python offers without devanon). Targets: devanon/raw
     <= 1.5 at 4 KiB, <= 1.1 at 1 GiB. Beside it, the same raw calls through devanon's own
@@ -148,90 +150,134 @@ def slab_objsize(name: str) -> int | None:
 # -- (a) map + write + unmap ----------------------------------------------------------------
 
 
-def devanon_cycle(anon: devanon.Anon, size: int) -> int:
+def devanon_cycle(anon: devanon.Anon, size: int, offset: int = 0) -> int:
     """Time map, memset, close (unmap + punch) through devanon."""
     t0 = time.perf_counter_ns()
-    m = anon.map(0, size)
+    m = anon.map(offset, size)
     ctypes.memset(m.address, 1, size)
     m.close()
     return time.perf_counter_ns() - t0
 
 
-def raw_cycle(fd: int, size: int) -> int:
+def raw_cycle(fd: int, size: int, offset: int = 0) -> int:
     """Time the same with the raw syscalls through ctypes (the baseline)."""
     t0 = time.perf_counter_ns()
-    address = _raw.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
+    address = _raw.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, offset)
     ctypes.memset(address, 1, size)
     _raw.munmap(address, size)
-    _raw.fallocate(fd, PUNCH, 0, size)
+    _raw.fallocate(fd, PUNCH, offset, size)
     return time.perf_counter_ns() - t0
 
 
-def ffi_cycle(fd: int, size: int) -> int:
+def ffi_cycle(fd: int, size: int, offset: int = 0) -> int:
     """Time the same with the raw syscalls through devanon's bindings (cffi)."""
     t0 = time.perf_counter_ns()
-    address = _libc.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, 0)
+    address = _libc.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, offset)
     ctypes.memset(address, 1, size)
     _libc.munmap(address, size)
-    _libc.fallocate(fd, PUNCH, 0, size)
+    _libc.fallocate(fd, PUNCH, offset, size)
     return time.perf_counter_ns() - t0
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """Where (a) maps: ``size`` bytes at ``offset`` of an Anon (and memfd) of ``file_size``,
+    with ``crowd`` single-page mappings held elsewhere in the Anon meanwhile."""
+
+    label: str
+    size: int
+    file_size: int
+    offset: int = 0
+    crowd: int = 0
+    target: float | None = None
+
+
+CROWD_STRIDE = 40
+"""Pages between the crowd's mappings (2 runs each, 205 to a 4096-page chunk: runs, not
+dense)."""
+
+
+def settings(cfg: Config) -> list[Setting]:
+    """(a)'s rows: each size in an Anon of its own size, then 4 KiB inside a 256 MiB one,
+    alone and among 1,000 mappings (where map and unmap split and merge runs)."""
+    rows = [
+        Setting(size_label(size), size, size, target={4 * KiB: 1.5, cfg.big: 1.1}.get(size))
+        for size in cfg.reps_by_size
+    ]
+    inner = (CROWD_STRIDE * 500 + 7) * PAGE
+    return [
+        *rows,
+        Setting("4 KiB inside 256 MiB", 4 * KiB, 256 * MiB, inner, target=1.5),
+        Setting("4 KiB among 1,000 mappings", 4 * KiB, 256 * MiB, inner, crowd=1000),
+    ]
+
+
+def bench_setting(setting: Setting, reps: int, big: bool) -> Json:
+    """One row of (a): devanon, raw through ctypes and raw through cffi, interleaved."""
+    size, offset = setting.size, setting.offset
+    log(f"(a) map+write+unmap {setting.label} x {reps}")
+    fd = raw_memfd(setting.file_size)
+    try:
+        with devanon.Anon(setting.file_size, name="bench-devanon") as anon, gc_paused():
+            crowd = [anon.map(CROWD_STRIDE * i * PAGE, PAGE) for i in range(setting.crowd)]
+            timers = [
+                partial(devanon_cycle, anon, size, offset),
+                partial(raw_cycle, fd, size, offset),
+                partial(ffi_cycle, fd, size, offset),
+            ]
+            if not big:
+                interleave(max(1, reps // 10), *timers)  # warm-up
+            else:
+                # Warm the pages the kernel will hand out: under free page reporting,
+                # pages long free fault in the host too.
+                raw_cycle(fd, size)
+            dev, raw, ffi = interleave(reps, *timers)
+            runs = anon.stats().count_runs
+            for m in crowd:
+                m.close()
+            left = anon.resident_bytes(), resident(fd)
+    finally:
+        os.close(fd)
+    if left != (0, 0):
+        raise AssertionError(f"{setting.label}: bytes left after punch: {left}")
+    (dev_us, dev_min), (raw_us, raw_min), (ffi_us, ffi_min) = us(dev), us(raw), us(ffi)
+    ratio = dev_us / raw_us
+    row: Json = {
+        "size": size,
+        "size_label": setting.label,
+        "anon_size": setting.file_size,
+        "offset": offset,
+        "other_mappings": setting.crowd,
+        "count_runs": runs,
+        "reps": reps,
+        "devanon_us": round(dev_us, 2),
+        "devanon_min_us": round(dev_min, 2),
+        "raw_us": round(raw_us, 2),
+        "raw_min_us": round(raw_min, 2),
+        "ratio": round(ratio, 3),
+        "ratio_of_mins": round(dev_min / raw_min, 3),
+        "target": None if setting.target is None else f"ratio <= {setting.target}",
+        "ok": None if setting.target is None else ratio <= setting.target,
+        "raw_cffi_us": round(ffi_us, 2),
+        "raw_cffi_min_us": round(ffi_min, 2),
+        "ratio_to_raw_cffi": round(dev_us / ffi_us, 3),
+    }
+    if big:
+        row["samples_ms"] = samples_ms(devanon=dev, raw=raw, raw_cffi=ffi)
+    return row
 
 
 def bench_map_write_unmap(cfg: Config) -> Json:
     """(a): devanon's map/write/unmap against the raw syscalls."""
-    targets = {4 * KiB: 1.5, cfg.big: 1.1}
-    rows = []
-    for size, reps in cfg.reps_by_size.items():
-        log(f"(a) map+write+unmap {size_label(size)} x {reps}")
-        fd = raw_memfd(size)
-        try:
-            with devanon.Anon(size, name="bench-devanon") as anon, gc_paused():
-                timers = [
-                    partial(devanon_cycle, anon, size),
-                    partial(raw_cycle, fd, size),
-                    partial(ffi_cycle, fd, size),
-                ]
-                if size < cfg.big:
-                    interleave(max(1, reps // 10), *timers)  # warm-up
-                else:
-                    # Warm the pages the kernel will hand out: under free page reporting,
-                    # pages long free fault in the host too.
-                    raw_cycle(fd, size)
-                dev, raw, ffi = interleave(reps, *timers)
-                left = anon.resident_bytes(), resident(fd)
-        finally:
-            os.close(fd)
-        if left != (0, 0):
-            raise AssertionError(f"{size_label(size)}: bytes left after punch: {left}")
-        (dev_us, dev_min), (raw_us, raw_min), (ffi_us, ffi_min) = us(dev), us(raw), us(ffi)
-        ratio = dev_us / raw_us
-        target = targets.get(size)
-        rows.append(
-            {
-                "size": size,
-                "size_label": size_label(size),
-                "reps": reps,
-                "devanon_us": round(dev_us, 2),
-                "devanon_min_us": round(dev_min, 2),
-                "raw_us": round(raw_us, 2),
-                "raw_min_us": round(raw_min, 2),
-                "ratio": round(ratio, 3),
-                "ratio_of_mins": round(dev_min / raw_min, 3),
-                "target": None if target is None else f"ratio <= {target}",
-                "ok": None if target is None else ratio <= target,
-                "raw_cffi_us": round(ffi_us, 2),
-                "raw_cffi_min_us": round(ffi_min, 2),
-                "ratio_to_raw_cffi": round(dev_us / ffi_us, 3),
-            }
-        )
-        if size == cfg.big:
-            rows[-1]["samples_ms"] = samples_ms(devanon=dev, raw=raw, raw_cffi=ffi)
+    rows = [bench_setting(s, cfg.reps_by_size[s.size], s.size == cfg.big) for s in settings(cfg)]
     return {
         "what": "map + ctypes.memset of every byte + unmap + punch; devanon: Anon.map, "
         "Mapping.close; raw (the baseline): mmap(MAP_SHARED) of a memfd, munmap, one "
         "fallocate(PUNCH_HOLE) through ctypes; raw_cffi: the same calls through devanon's "
         "own bindings (devanon._libc, cffi), so ratio_to_raw_cffi is devanon's bookkeeping "
-        "alone. devanon makes the same syscalls (MADV_DONTFORK waits for a fork)",
+        "alone. devanon makes the same syscalls (MADV_DONTFORK waits for a fork). The "
+        "memfd has the Anon's size and the same offset is mapped; count_runs is while the "
+        "other mappings are held",
         "sizes": rows,
     }
 
