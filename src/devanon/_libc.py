@@ -114,7 +114,7 @@ def getsockopt(fd: int, level: int, option: int, room: int) -> tuple[bytes, int]
     out = _ffi.new("char[]", room)
     size = _ffi.new("uint32_t *", room)
     if _getsockopt(fd, level, option, out, size) == 0:
-        value: bytes = _ffi.buffer(out, size[0])[:]
+        value: bytes = _ffi.buffer(out, min(size[0], room))[:]
         return value, 0
     if _ffi.errno == errno.ERANGE and size[0] > room:
         return b"", size[0]

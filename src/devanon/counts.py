@@ -49,7 +49,9 @@ Equal to ``_VECTOR_RUNS``, so that a change numpy makes always finds arrays."""
 DENSE_CHUNK = 4096
 """Pages in a chunk that may turn dense (16 MiB of 4 KiB pages; 4 KiB of counts)."""
 _RUN_BYTES = 16
-"""Memory a stored run takes (two 8-byte array items)."""
+"""Memory a run takes in arrays (two 8-byte items); in lists, up to three times that."""
+_SLOT_BYTES = 8
+"""A list's slot (a pointer)."""
 
 
 class MapCounts:
@@ -583,11 +585,12 @@ def _splice(runs: Runs, k: int, values: list[int]) -> None:
 
 def _runs_bytes(runs: Runs) -> int:
     """Memory one of the two run sequences takes: an array's items, or a list's slots and
-    its own ints (those from -5 to 256 are the interpreter's, shared)."""
+    its own ints (those from -5 to 256 are the interpreter's, shared). What the runs are
+    decides it, not how they came to be (a list's spare slots are left out, as an
+    array's are)."""
     if isinstance(runs, array):
-        return runs.buffer_info()[1] * runs.itemsize
-    own = sum(sys.getsizeof(x) for x in runs if not -5 <= x <= 256)
-    return sys.getsizeof(runs) - sys.getsizeof([]) + own
+        return len(runs) * runs.itemsize
+    return _SLOT_BYTES * len(runs) + sum(sys.getsizeof(x) for x in runs if not -5 <= x <= 256)
 
 
 _MAX = {"B": 0xFF, "H": 0xFFFF, "I": 0xFFFF_FFFF, "Q": 0xFFFF_FFFF_FFFF_FFFF}

@@ -366,9 +366,9 @@ class Mapper(ABC):
                 address = self._map_counted(first, last, prot, offset)
                 mapping = Mapping(self, address, offset, length, writable, inherit)
                 k = bisect_left(self._starts, address)
+                self._nmappings += 1  # (no interrupt between this and the insert)
                 self._segments.insert(k, mapping)
                 self._starts.insert(k, address)
-                self._nmappings += 1
                 return mapping
             pages = [(first, last)]
             replaced: list[_Segment] = []
@@ -747,15 +747,19 @@ class Mapper(ABC):
                     # The books first: an interrupt (a signal handler's exception) after
                     # the munmap and before them would leave a range in them that the
                     # kernel may hand to someone else, and a later unmap would take it.
+                    # (Nothing between here and the munmap's return lets one in; after
+                    # it, the mapping is closed and its count kept: an over-count.)
                     del self._segments[k]
                     del self._starts[k]
+                    mapping._pieces = 0
+                    self._nmappings -= 1
                     if _libc.munmap_status(seg._start, mapping.length):
                         err = _libc.error(f"munmap({seg._start:#x}, {mapping.length:#x})")
                         self._segments.insert(k, seg)
                         self._starts.insert(k, seg._start)
+                        mapping._pieces = 1
+                        self._nmappings += 1
                         raise _checks.max_map_count_hint(err)
-                    mapping._pieces = 0
-                    self._nmappings -= 1
                     ps = self.page_size
                     self._lose_one(mapping.offset // ps, (mapping.offset + mapping.length) // ps)
                     return

@@ -193,17 +193,22 @@ def test_closed_objects_are_refused(world: World) -> None:
             call()
 
 
-def test_a_map_the_kernel_refuses_changes_no_figure() -> None:
+@pytest.mark.parametrize("others", [0, 3])
+def test_a_map_the_kernel_refuses_changes_no_figure(others: int) -> None:
+    """``others``: single pages mapped beside, so that the refused map splits runs (and the
+    counts' memory must come back to what it was, not to what the splits left)."""
     with devanon.Anon(1 << 47) as mem:  # 128 TiB: more than a process's address space
         keep = mem.map(0, PS)
         keep.view()[:4] = b"kept"
+        beside = [mem.map((10 * i + 5) * PS, PS) for i in range(others)]
         before = mem.stats()
         with pytest.raises(OSError):
-            mem.map(0, 1 << 47)
+            mem.map(2 * PS, (1 << 47) - 4 * PS)
         assert mem.stats() == before  # no punch of the pages it had counted for a moment
         assert mem.map_count(0) == 1 == oracle.maps_counts(mem.fd, PS)[0]
         assert bytes(keep.view()[:4]) == b"kept"
-        keep.close()
+        for m in [keep, *beside]:
+            m.close()
 
 
 def test_numpy_integers_are_taken_as_ints(tmp_path: Path) -> None:

@@ -76,11 +76,18 @@ def _interrupted(anon: devanon.Anon, code: CodeType, line: int, viewed: bool) ->
         _scenario(anon, viewed)
     assert fired[0]
     assert oracle.stray_segments(anon) == []
+    assert anon.stats().mappings == _owners(anon)
     assert ctypes.string_at(keep.address, 1) == b"\x01"  # the other mapping is untouched
     for _ in range(3):  # more maps and closes over the same addresses still work
         anon.map(PS, 2 * PS).close()
         assert oracle.stray_segments(anon) == []
         assert [seg._start for seg in anon._segments] == anon._starts  # in step again
+        assert anon.stats().mappings == _owners(anon)
+
+
+def _owners(anon: devanon.Anon) -> int:
+    """The mappings the books hold a piece of (what ``stats().mappings`` must say)."""
+    return len({id(seg._owner) for seg in anon._segments})
 
 
 @pytest.mark.parametrize(
