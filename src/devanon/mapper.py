@@ -389,9 +389,9 @@ class Mapper(ABC):
             mapping = Mapping(self, address, offset, length, writable, inherit)
             lost = self._forget(replaced) if replaced else None
             k = bisect_left(self._starts, address)
+            self._nmappings += 1  # (no interrupt between this and the insert)
             self._segments.insert(k, mapping)
             self._starts.insert(k, address)
-            self._nmappings += 1
             if lost:
                 self._lose(lost)
             return mapping
