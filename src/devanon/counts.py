@@ -185,24 +185,22 @@ class MapCounts:
             chunk = start // size
             if (stop - 1) // size != chunk:
                 self._maybe_densify(start, stop)
-            elif self._crowded(chunk, k):
+            # Its first run inside is at most two after k (the change added runs next to
+            # it); one more than d before k crowds the chunk however the search is cut.
+            elif self._crowded(chunk, max(0, k - self._densify_at), k + 2):
                 lo = chunk * size
                 self._densify(chunk, lo, min(lo + size, self.npages))
         self._settle()
 
-    def _crowded(self, chunk: int, k: int) -> bool:
-        """Whether ``chunk``, holding run ``k`` (or ``k + 1``), has more runs than
-        ``_densify_at`` as ``_maybe_densify`` counts them: with one binary search among
-        the runs next to ``k``, not two among all (each map's, once the runs are many).
-
-        The chunk's first run inside it is at most two after ``k``; one more than d
-        before ``k`` would make the chunk crowded however the search cuts it off."""
+    def _crowded(self, chunk: int, lo: int = 0, hi: int | None = None) -> bool:
+        """Whether ``chunk`` holds more runs than ``_densify_at``: the runs starting inside
+        it, and the one it begins in. One binary search for its first run inside, among
+        the runs ``[lo, hi)`` where the caller knows it lies (all of them by default)."""
         d, starts = self._densify_at, self._starts
-        lo = chunk * self._chunk
-        hi = min(lo + self._chunk, self.npages)
+        begin = chunk * self._chunk
         n = len(starts)
-        first = bisect_right(starts, lo, max(0, k - d), min(k + 2, n))
-        return first + d - 1 < n and starts[first + d - 1] < hi
+        first = bisect_right(starts, begin, lo, n if hi is None else min(hi, n))
+        return first + d - 1 < n and starts[first + d - 1] < min(begin + self._chunk, self.npages)
 
     def _settle(self) -> None:
         """Lists past ``LIST_RUNS`` runs become arrays; arrays back at half, lists."""
@@ -525,13 +523,10 @@ class MapCounts:
     def _maybe_densify(self, start: int, stop: int) -> None:
         """Make the chunks at the edges of a range dense if their runs grew too many (an
         add or remove makes new runs only where its range begins and ends)."""
-        starts, size = self._starts, self._chunk
+        size = self._chunk
         for chunk in self._edge_chunks(start, stop):
-            if chunk in self._dense:
-                continue
-            lo, hi = chunk * size, min(chunk * size + size, self.npages)
-            if bisect_left(starts, hi) - bisect_right(starts, lo) + 1 > self._densify_at:
-                self._densify(chunk, lo, hi)
+            if chunk not in self._dense and self._crowded(chunk):
+                self._densify(chunk, chunk * size, min(chunk * size + size, self.npages))
 
     def _edge_chunks(self, start: int, stop: int) -> set[int]:
         """The chunks ``[start, stop)`` begins and ends in (one, or two)."""
