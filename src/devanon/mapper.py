@@ -35,6 +35,7 @@ import weakref
 from abc import ABC, abstractmethod
 from bisect import bisect_left, bisect_right
 from collections.abc import Sized
+from typing import TYPE_CHECKING
 
 from devanon import _checks, _libc
 from devanon.counts import PageRange
@@ -66,10 +67,11 @@ class _Segment:
     _counted: bool
     _forkmark: bool
 
-    @property
-    def _owner(self) -> Mapping:
-        """The mapping this piece belongs to."""
-        raise NotImplementedError
+    if TYPE_CHECKING:  # (a slot of _Piece, a property of Mapping: never made as a _Segment)
+
+        @property
+        def _owner(self) -> Mapping:
+            """The mapping this piece belongs to."""
 
 
 class _Piece(_Segment):
