@@ -9,7 +9,8 @@ memory (``memory_at``, what views export) and ``copy``.
 Every function checks the result and raises ``OSError(errno, message)`` naming the call and
 its arguments, except the three ``*_status`` ones: the C functions themselves, for the hot
 paths of map and unmap (where one more Python call costs a measurable share of a 4 KiB
-cycle). Their callers compare the result with ``MAP_FAILED`` or 0 and raise ``error(...)``.
+cycle). Their callers compare the result with ``MAP_FAILED`` or 0 and raise ``mmap_error``,
+``munmap_error`` or ``error``.
 
 Some facts about the calls (the code above only makes sense once you know them):
 
@@ -56,9 +57,9 @@ _c: Any = _ffi.dlopen(None)  # the C library this process has loaded already
 MAP_FAILED: Final = int(_ffi.cast("uintptr_t", -1))
 
 mmap_status = _c.mmap
-"""mmap(2) as C has it: the address, or ``MAP_FAILED`` (then raise ``error``)."""
+"""mmap(2) as C has it: the address, or ``MAP_FAILED`` (then raise ``mmap_error``)."""
 munmap_status = _c.munmap
-"""munmap(2) as C has it: 0, or -1 (then raise ``error``)."""
+"""munmap(2) as C has it: 0, or -1 (then raise ``munmap_error``)."""
 _madvise = _c.madvise
 fallocate_status = _c.fallocate64
 """fallocate(2) as C has it: 0, or -1 (then raise ``error``, or, as ``punch.punch_one``,
@@ -74,21 +75,31 @@ def error(call: str) -> OSError:
     return OSError(err, f"{call}: {os.strerror(err)}")
 
 
+def mmap_error(address: int, length: int, prot: int, flags: int, fd: int, offset: int) -> OSError:
+    """``error`` of an mmap that just failed, its arguments named."""
+    return error(
+        f"mmap(address={address:#x}, length={length:#x}, prot={prot:#x}, "
+        f"flags={flags:#x}, fd={fd}, offset={offset:#x})"
+    )
+
+
+def munmap_error(address: int, length: int) -> OSError:
+    """``error`` of a munmap that just failed, its arguments named."""
+    return error(f"munmap(address={address:#x}, length={length:#x})")
+
+
 def mmap(address: int, length: int, prot: int, flags: int, fd: int, offset: int) -> int:
     """mmap(2); returns the address of the new mapping."""
     result: int = mmap_status(address, length, prot, flags, fd, offset)
     if result == MAP_FAILED:
-        raise error(
-            f"mmap(address={address:#x}, length={length:#x}, prot={prot:#x}, "
-            f"flags={flags:#x}, fd={fd}, offset={offset:#x})"
-        )
+        raise mmap_error(address, length, prot, flags, fd, offset)
     return result
 
 
 def munmap(address: int, length: int) -> None:
     """munmap(2)."""
     if munmap_status(address, length) != 0:
-        raise error(f"munmap(address={address:#x}, length={length:#x})")
+        raise munmap_error(address, length)
 
 
 def madvise(address: int, length: int, advice: int) -> None:

@@ -250,7 +250,7 @@ class Anon(Mapper):
         address: int = _libc.mmap_status(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
         if address != _libc.MAP_FAILED:
             return address
-        err = _libc.error(f"mmap(length={length:#x}, prot={prot:#x}, offset={offset:#x})")
+        err = _libc.mmap_error(0, length, prot, _libc.MAP_SHARED, self.fd, offset)
         self._counts.remove(first, last)  # as _give_back
         raise self._mmap_error(err)
 

@@ -756,7 +756,7 @@ class Mapper(ABC):
                     mapping._pieces = 0
                     self._nmappings -= 1
                     if _libc.munmap_status(seg._start, mapping.length):
-                        err = _libc.error(f"munmap({seg._start:#x}, {mapping.length:#x})")
+                        err = _libc.munmap_error(seg._start, mapping.length)
                         self._segments.insert(k, seg)
                         self._starts.insert(k, seg._start)
                         mapping._pieces = 1
