@@ -49,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import TypeVar
 
 import _raw
@@ -159,23 +160,14 @@ def devanon_cycle(anon: devanon.Anon, size: int, offset: int = 0) -> int:
     return time.perf_counter_ns() - t0
 
 
-def raw_cycle(fd: int, size: int, offset: int = 0) -> int:
-    """Time the same with the raw syscalls through ctypes (the baseline)."""
+def raw_cycle(calls: ModuleType, fd: int, size: int, offset: int = 0) -> int:
+    """Time the same with the raw syscalls: through ctypes (``_raw``, the baseline) or
+    through devanon's own bindings (``devanon._libc``, cffi)."""
     t0 = time.perf_counter_ns()
-    address = _raw.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, offset)
+    address = calls.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, offset)
     ctypes.memset(address, 1, size)
-    _raw.munmap(address, size)
-    _raw.fallocate(fd, PUNCH, offset, size)
-    return time.perf_counter_ns() - t0
-
-
-def ffi_cycle(fd: int, size: int, offset: int = 0) -> int:
-    """Time the same with the raw syscalls through devanon's bindings (cffi)."""
-    t0 = time.perf_counter_ns()
-    address = _libc.mmap(0, size, PROT_RW, _libc.MAP_SHARED, fd, offset)
-    ctypes.memset(address, 1, size)
-    _libc.munmap(address, size)
-    _libc.fallocate(fd, PUNCH, offset, size)
+    calls.munmap(address, size)
+    calls.fallocate(fd, PUNCH, offset, size)
     return time.perf_counter_ns() - t0
 
 
@@ -222,15 +214,15 @@ def bench_setting(setting: Setting, reps: int, big: bool) -> Json:
             crowd = [anon.map(CROWD_STRIDE * i * PAGE, PAGE) for i in range(setting.crowd)]
             timers = [
                 partial(devanon_cycle, anon, size, offset),
-                partial(raw_cycle, fd, size, offset),
-                partial(ffi_cycle, fd, size, offset),
+                partial(raw_cycle, _raw, fd, size, offset),
+                partial(raw_cycle, _libc, fd, size, offset),
             ]
             if not big:
                 interleave(max(1, reps // 10), *timers)  # warm-up
             else:
                 # Warm the pages the kernel will hand out: under free page reporting,
                 # pages long free fault in the host too.
-                raw_cycle(fd, size)
+                raw_cycle(_raw, fd, size)
             dev, raw, ffi = interleave(reps, *timers)
             runs = anon.stats().count_runs
             for m in crowd:
